@@ -1,0 +1,27 @@
+"""tftransfer: Keras 3 transfer learning, from any pretrained backbone to TF Serving.
+
+Example:
+
+>>> from tftransfer import build_finetuner
+>>> model = build_finetuner("saved_models/digits_cnn.keras", num_classes=5)
+"""
+
+__version__ = "0.1.0"
+
+from tftransfer.backbones import APPLICATIONS, load_backbone
+from tftransfer.finetuner import build_finetuner
+from tftransfer.freezing import describe_trainable
+from tftransfer.layers import HubLayer, ImagePreprocessing
+from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
+
+__all__ = [
+    "APPLICATIONS",
+    "HubLayer",
+    "ImagePreprocessing",
+    "build_finetuner",
+    "describe_trainable",
+    "get_optimizer",
+    "get_regularizer",
+    "get_schedule",
+    "load_backbone",
+]

@@ -1,0 +1,248 @@
+"""Load a pretrained backbone from whatever form the user has.
+
+`load_backbone(source)` decides from the source itself:
+
+| source | loader |
+| --- | --- |
+| `keras.Model` instance | used as is |
+| `"https://tfhub.dev/..."`, `"hub:/local/dir"` | `HubLayer` (fine-tunable) |
+| SavedModel dir with `keras_metadata.pb` (tf.keras 2 `model.save(dir)`) | rebuilt as a Keras 3 model via tf-keras and legacy HDF5 |
+| other SavedModel dir (TF2 / TF-Hub, `model.export()`, TF1 signatures) | `HubLayer` |
+| `*.keras` | `keras.saving.load_model` (`safe_mode` honoured) |
+| `*.h5`, `*.hdf5` | Keras 3 legacy HDF5 loader, tf-keras fallback |
+| `"mobilenet_v2"`, `"resnet50"`, ... | `keras.applications`, `weights="imagenet"`, None or a file |
+
+The returned `keras.Model` maps images to features and carries two plain
+attributes that `build_finetuner` reads: `tftransfer_source` and
+`tftransfer_preprocessing` (an `ImagePreprocessing` mode).
+"""
+
+import os
+import tempfile
+import warnings
+
+import keras
+
+from tftransfer._registry import close_matches
+from tftransfer.layers import HubLayer, is_hub_url
+
+# name: (constructor, preprocessing mode, default input size)
+_APPS = keras.applications
+APPLICATIONS = {
+    "mobilenet": (_APPS.MobileNet, "tf", 224),
+    "mobilenet_v2": (_APPS.MobileNetV2, "tf", 224),
+    "mobilenet_v3_small": (_APPS.MobileNetV3Small, "none", 224),
+    "mobilenet_v3_large": (_APPS.MobileNetV3Large, "none", 224),
+    "efficientnet_b0": (_APPS.EfficientNetB0, "none", 224),
+    "efficientnet_b1": (_APPS.EfficientNetB1, "none", 240),
+    "efficientnet_b2": (_APPS.EfficientNetB2, "none", 260),
+    "efficientnet_b3": (_APPS.EfficientNetB3, "none", 300),
+    "efficientnet_v2_b0": (_APPS.EfficientNetV2B0, "none", 224),
+    "efficientnet_v2_s": (_APPS.EfficientNetV2S, "none", 384),
+    "resnet50": (_APPS.ResNet50, "caffe", 224),
+    "resnet101": (_APPS.ResNet101, "caffe", 224),
+    "resnet50_v2": (_APPS.ResNet50V2, "tf", 224),
+    "densenet121": (_APPS.DenseNet121, "torch", 224),
+    "inception_v3": (_APPS.InceptionV3, "tf", 299),
+    "xception": (_APPS.Xception, "tf", 299),
+    "vgg16": (_APPS.VGG16, "caffe", 224),
+    "convnext_tiny": (_APPS.ConvNeXtTiny, "none", 224),
+    "nasnet_mobile": (_APPS.NASNetMobile, "tf", 224),
+}
+
+_FORMATS_TRIED = (
+    "a keras.Model; a TF-Hub URL or hub:<dir>; a SavedModel directory "
+    "(tf.keras 2, Keras 3 export, TF2/TF-Hub, TF1 signatures); a .keras file; "
+    "a .h5/.hdf5 file; a keras.applications name"
+)
+
+
+def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=None,
+                  signature=None, output_key=None, safe_mode=True, name=None):
+    """Loads a pretrained feature extractor as a Keras 3 model.
+
+    Args:
+        source: A `keras.Model`, a path (SavedModel directory, `.keras`,
+            `.h5`), a TF-Hub handle (URL or `hub:/local/dir`), or a
+            `keras.applications` name such as `"mobilenet_v2"`.
+        input_shape: Optional tuple `(H, W, C)`. Needed where the source does
+            not define it (hub objects with dynamic shapes, Keras 2
+            `Sequential` models without an input); for applications it picks
+            the size (default: the catalogue's size).
+        weights: For applications only: `"imagenet"` (downloaded and cached
+            by Keras), None (random), or a path to a weights file.
+        output_layer: Optional layer name to cut the model at, to take
+            features from an intermediate layer. Keras formats only.
+        signature: Optional signature name for signature-only SavedModels.
+        output_key: Optional output name when the SavedModel returns a dict.
+        safe_mode: Boolean, refuse `.keras` files with arbitrary code
+            (`Lambda` layers). Defaults to `True`.
+        name: Optional name of the returned model.
+
+    Returns:
+        A `keras.Model` from images to features, with attributes
+        `tftransfer_source` and `tftransfer_preprocessing`.
+
+    Example:
+
+    >>> backbone = load_backbone("saved_models/digits_cnn.keras")
+    >>> backbone = load_backbone("mobilenet_v2", weights=None, input_shape=(96, 96, 3))
+    """
+    model, preprocessing = _dispatch(source, input_shape, weights, signature,
+                                     output_key, safe_mode)
+    model = _ensure_input(model, input_shape)
+    if output_layer is not None:
+        model = _cut(model, output_layer)
+    if name:
+        model.name = name
+    model.tftransfer_source = source if isinstance(source, str) else type(source).__name__
+    model.tftransfer_preprocessing = preprocessing
+    return model
+
+
+def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
+    if isinstance(source, keras.Model):
+        return source, "none"
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise ValueError(
+            f"`source` must be a keras.Model, a path, a TF-Hub handle or an "
+            f"application name. Received: source={source!r} of type {type(source).__name__}"
+        )
+    if is_hub_url(source) or source.startswith("hub:"):
+        return _from_hub(source, input_shape, signature, output_key), "none"
+    if os.path.exists(source):
+        return _from_path(source, input_shape, signature, output_key, safe_mode), "none"
+    if source.lower() in APPLICATIONS:
+        return _from_application(source.lower(), input_shape, weights)
+    raise _missing_source_error(source)
+
+
+def _missing_source_error(source):
+    looks_like_path = os.sep in source or "/" in source or source.endswith((".keras", ".h5", ".hdf5"))
+    if looks_like_path:
+        return ValueError(
+            f"`source` names a path that does not exist: {source!r}. Pass an existing "
+            f"SavedModel directory, .keras or .h5 file. Received: source={source!r}"
+        )
+    matches = close_matches(source, APPLICATIONS)
+    hint = f" Did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+    return ValueError(
+        f"`source` is neither an existing path nor a known application name.{hint} "
+        f"Application names: {', '.join(sorted(APPLICATIONS))}. Received: source={source!r}"
+    )
+
+
+def _from_path(path, input_shape, signature, output_key, safe_mode):
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+            raise ValueError(
+                f"`source` is a directory but not a SavedModel (no saved_model.pb in it). "
+                f"Formats tried: {_FORMATS_TRIED}. Found: {sorted(os.listdir(path))[:10]}. "
+                f"Received: source={path!r}"
+            )
+        if os.path.exists(os.path.join(path, "keras_metadata.pb")) and signature is None:
+            return _from_tf_keras_savedmodel(path)
+        return _from_hub(path, input_shape, signature, output_key)
+    if path.endswith(".keras"):
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    if path.endswith((".h5", ".hdf5")):
+        return _from_h5(path, safe_mode)
+    raise ValueError(
+        f"`source` is a file of a format tftransfer cannot read. Formats tried: "
+        f"{_FORMATS_TRIED}. Received: source={path!r}"
+    )
+
+
+def _from_h5(path, safe_mode):
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except Exception as keras3_error:  # A tf.keras 2 file Keras 3 cannot parse.
+        warnings.warn(
+            f"Keras 3 could not read {path!r} ({keras3_error}); rebuilding it "
+            "through tf-keras.",
+            stacklevel=3,
+        )
+        return _via_tf_keras(path)
+
+
+def _from_tf_keras_savedmodel(path):
+    """Rebuilds a tf.keras 2 SavedModel directory as a Keras 3 model."""
+    return _via_tf_keras(path)
+
+
+def _via_tf_keras(path):
+    import tf_keras  # Legacy formats only.
+
+    legacy = tf_keras.models.load_model(path, compile=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        h5_path = os.path.join(tmp, "model.h5")
+        legacy.save(h5_path)
+        return keras.saving.load_model(h5_path, compile=False)
+
+
+def _from_hub(handle, input_shape, signature, output_key):
+    layer = HubLayer(handle, signature=signature, output_key=output_key,
+                     tags=["serve"] if signature else None, name="hub")
+    shape = input_shape or _hub_input_shape(layer)
+    inputs = keras.Input(shape, name="image")
+    return keras.Model(inputs, layer(inputs), name="hub_backbone")
+
+
+def _hub_input_shape(layer):
+    """Reads `(H, W, C)` from the loaded function's input signature."""
+    fn = layer._endpoint
+    concrete = (getattr(fn, "concrete_functions", None) or [fn])[0]
+    args, kwargs = concrete.structured_input_signature
+    spec = (list(args) + list(kwargs.values()))[0]
+    shape = tuple(spec.shape[1:])
+    if len(shape) != 3 or None in shape:
+        raise ValueError(
+            f"The SavedModel {layer.handle!r} takes images of shape {shape}; pass "
+            f"`input_shape=(H, W, C)`. Received: input_shape=None"
+        )
+    return shape
+
+
+def _from_application(name, input_shape, weights):
+    constructor, preprocessing, size = APPLICATIONS[name]
+    shape = tuple(input_shape) if input_shape else (size, size, 3)
+    model = constructor(include_top=False, weights=weights, input_shape=shape, pooling=None)
+    return model, preprocessing
+
+
+def _ensure_input(model, input_shape):
+    """Gives a model without a defined input (Keras 2 Sequential) one."""
+    try:
+        model.inputs  # noqa: B018
+        defined = bool(model.inputs)
+    except (AttributeError, ValueError):
+        defined = False
+    if not defined:
+        if input_shape is None:
+            raise ValueError(
+                f"The model {model.name!r} has no defined input shape; pass "
+                "`input_shape=(H, W, C)`. Received: input_shape=None"
+            )
+        model.build((None, *input_shape))
+        return model
+    if input_shape is not None and tuple(model.input_shape[1:]) != tuple(input_shape):
+        if None not in model.input_shape[1:]:
+            raise ValueError(
+                f"The backbone takes inputs of shape {tuple(model.input_shape[1:])}, "
+                f"which does not match `input_shape`. Received: input_shape={tuple(input_shape)}"
+            )
+    return model
+
+
+def _cut(model, layer_name):
+    names = [layer.name for layer in model.layers]
+    if layer_name not in names:
+        matches = close_matches(layer_name, names)
+        hint = f" Did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+        raise ValueError(
+            f"`output_layer` is not a layer of {model.name!r}.{hint} "
+            f"Received: output_layer={layer_name!r}"
+        )
+    return keras.Model(model.inputs, model.get_layer(layer_name).output, name=model.name)

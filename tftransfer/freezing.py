@@ -1,0 +1,200 @@
+"""Freezing policies: which backbone layers train.
+
+A policy is `"none"` (all frozen), `"all"`, `"top:N"` (the last N layers that
+have weights), `"fraction:F"` (the last F of them), a regex or a list of
+regexes matched against layer names, or a callable `layer -> bool`.
+
+BatchNormalization layers of a frozen part keep `trainable=False`, which in
+Keras 3 also runs them in inference mode: their moving statistics never change.
+With `freeze_batchnorm=True` (the default of `build_finetuner`, and the advice of
+the Keras transfer-learning guide) they stay frozen even inside a trainable part.
+
+Example:
+
+>>> apply(backbone, "top:2")
+>>> print(describe_trainable(backbone))
+"""
+
+import re
+
+import keras
+
+
+def leaf_layers(model):
+    """Lists the layers of `model` that hold no other layers, depth first."""
+    leaves = []
+    for layer in model.layers if hasattr(model, "layers") else []:
+        if getattr(layer, "layers", None):
+            leaves += leaf_layers(layer)
+        else:
+            leaves.append(layer)
+    return leaves
+
+
+def weighted_layers(model):
+    """Lists the leaf layers of `model` that own weights."""
+    return [layer for layer in leaf_layers(model) if layer.weights]
+
+
+def _top(count, spec):
+    def policy(layers):
+        if count < 0:
+            raise ValueError(
+                f"`trainable` \"top:N\" needs N >= 0. Received: trainable={spec!r}"
+            )
+        chosen = weighted_layers_of(layers)[-count:] if count else []
+        return {id(layer) for layer in chosen}
+
+    return policy
+
+
+def weighted_layers_of(layers):
+    return [layer for layer in layers if layer.weights]
+
+
+def _fraction(value, spec):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`trainable` \"fraction:F\" needs 0 <= F <= 1. Received: trainable={spec!r}"
+        )
+
+    def policy(layers):
+        count = round(value * len(weighted_layers_of(layers)))
+        return _top(count, spec)(layers)
+
+    return policy
+
+
+def _regexes(patterns):
+    compiled = [re.compile(p) for p in patterns]
+
+    def policy(layers):
+        return {id(layer) for layer in layers if any(p.search(layer.name) for p in compiled)}
+
+    return policy
+
+
+def _callable(fn):
+    def policy(layers):
+        return {id(layer) for layer in layers if fn(layer)}
+
+    return policy
+
+
+_KEYWORDS = {
+    "none": lambda layers: set(),
+    "all": lambda layers: {id(layer) for layer in layers},
+}
+_PREFIXES = {"top": lambda arg, spec: _top(int(arg), spec),
+             "fraction": lambda arg, spec: _fraction(float(arg), spec)}
+
+
+def get_policy(trainable):
+    """Turns a `trainable` identifier into `policy(layers) -> set of ids`."""
+    if isinstance(trainable, bool):
+        trainable = "all" if trainable else "none"
+    if callable(trainable):
+        return _callable(trainable)
+    if isinstance(trainable, (list, tuple)):
+        return _regexes(_check_regexes(trainable))
+    if not isinstance(trainable, str):
+        raise _policy_error(trainable)
+    if trainable in _KEYWORDS:
+        return _KEYWORDS[trainable]
+    prefix, sep, arg = trainable.partition(":")
+    if sep and prefix in _PREFIXES:
+        try:
+            return _PREFIXES[prefix](arg, trainable)
+        except ValueError as e:
+            if "Received" in str(e):
+                raise
+            raise _policy_error(trainable) from None
+    return _regexes(_check_regexes([trainable]))
+
+
+def _check_regexes(patterns):
+    for p in patterns:
+        try:
+            re.compile(p)
+        except (re.error, TypeError):
+            raise _policy_error(patterns) from None
+    return list(patterns)
+
+
+def _policy_error(received):
+    return ValueError(
+        '`trainable` must be "none", "all", "top:N", "fraction:F", a regex or '
+        "list of regexes on layer names, or a callable `layer -> bool`. "
+        f"Received: trainable={received!r}"
+    )
+
+
+def apply(backbone, trainable="none", freeze_batchnorm=True):
+    """Sets `trainable` on every leaf layer of `backbone`.
+
+    Args:
+        backbone: A `keras.Model` (or layer).
+        trainable: A freezing policy (see module docstring).
+        freeze_batchnorm: Boolean, keep BatchNormalization layers frozen (in
+            inference mode) even in the trainable part. Defaults to `True`.
+
+    `"top:N"` and `"fraction:F"` count the layers that may train: with
+    `freeze_batchnorm=True`, BatchNormalization layers are not counted.
+
+    Returns:
+        The number of leaf layers left trainable that own weights.
+    """
+    policy = get_policy(trainable)
+    layers = leaf_layers(backbone) or [backbone]
+    candidates = [layer for layer in layers if not (freeze_batchnorm and _is_bn(layer))]
+    chosen = policy(candidates)
+    backbone.trainable = True  # Containers stay trainable; leaves decide.
+    for layer in layers:
+        layer.trainable = id(layer) in chosen
+    if not any(layer.trainable for layer in layers):
+        backbone.trainable = False
+    return sum(1 for layer in layers if layer.trainable and layer.weights)
+
+
+def _is_bn(layer):
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _count(weights):
+    return int(sum(int(keras.ops.size(w)) for w in weights))
+
+
+def trainable_rows(model):
+    """Returns `(name, class, params, trainable)` for each leaf layer with weights."""
+    rows = []
+    for layer in leaf_layers(model) or [model]:
+        if layer.weights:
+            rows.append((layer.name, type(layer).__name__, _count(layer.weights),
+                         bool(layer.trainable_weights)))
+    return rows
+
+
+def describe_trainable(model, print_fn=None):
+    """Prints (and returns) a table of layers, parameter counts and trainable flags.
+
+    Args:
+        model: A `keras.Model`.
+        print_fn: Optional callable taking the table string. Defaults to
+            `print`.
+
+    Returns:
+        The table as a string.
+    """
+    rows = trainable_rows(model)
+    width = max([len(r[0]) for r in rows] + [5])
+    lines = [f"{'layer':<{width}}  {'class':<22} {'params':>10}  trainable",
+             "-" * (width + 45)]
+    for name, cls, params, flag in rows:
+        lines.append(f"{name:<{width}}  {cls:<22} {params:>10,}  {'yes' if flag else 'no'}")
+    trainable = _count(model.trainable_weights)
+    total = _count(model.weights)
+    lines.append("-" * (width + 45))
+    lines.append(f"trainable params: {trainable:,} of {total:,}")
+    table = "\n".join(lines)
+    (print_fn or print)(table)
+    return table

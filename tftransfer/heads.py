@@ -1,0 +1,161 @@
+"""Task heads and their `"auto"` losses and metrics.
+
+| task | output | labels | auto loss | auto metrics |
+| --- | --- | --- | --- | --- |
+| `classification` | softmax over `num_classes` | integer class ids | sparse categorical cross-entropy (label smoothing supported) | accuracy, top-5 accuracy above 10 classes |
+| `multi_label` | sigmoid per label | multi-hot vectors | binary cross-entropy | binary accuracy, AUC |
+| `regression` | linear, `num_classes` values (default 1) | floats | mean squared error | mean absolute error |
+"""
+
+import keras
+
+from tftransfer._registry import Registry
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class SparseCategoricalCrossentropy(keras.losses.Loss):
+    """Cross-entropy on integer labels, with label smoothing.
+
+    Keras's own sparse loss has no `label_smoothing`; this one one-hot encodes
+    the labels and smooths them.
+
+    Args:
+        num_classes: Integer, the number of classes.
+        label_smoothing: Float in [0, 1). Defaults to `0.0`.
+        from_logits: Boolean. Defaults to `False` (the head outputs softmax).
+    """
+
+    def __init__(self, num_classes, label_smoothing=0.0, from_logits=False,
+                 name="sparse_categorical_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+        self.from_logits = from_logits
+
+    def call(self, y_true, y_pred):
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        one_hot = keras.ops.one_hot(y_true, self.num_classes, dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, from_logits=self.from_logits, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "label_smoothing": self.label_smoothing, "from_logits": self.from_logits}
+
+
+def _classification_loss(num_classes, label_smoothing):
+    if label_smoothing:
+        return SparseCategoricalCrossentropy(num_classes, label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def _classification_metrics(num_classes):
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if num_classes > 10:
+        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    return metrics
+
+
+TASKS = Registry(
+    "task",
+    "task",
+    {
+        "classification": {
+            "activation": "softmax",
+            "loss": _classification_loss,
+            "metrics": _classification_metrics,
+        },
+        "multi_label": {
+            "activation": "sigmoid",
+            "loss": lambda n, s: keras.losses.BinaryCrossentropy(label_smoothing=s),
+            "metrics": lambda n: [keras.metrics.BinaryAccuracy(name="binary_accuracy"),
+                                  keras.metrics.AUC(multi_label=True, num_labels=n, name="auc")],
+        },
+        "regression": {
+            "activation": None,
+            "loss": lambda n, s: keras.losses.MeanSquaredError(),
+            "metrics": lambda n: [keras.metrics.MeanAbsoluteError(name="mae")],
+        },
+    },
+)
+
+
+def check_num_classes(num_classes, task):
+    """Validates and defaults `num_classes` for `task`."""
+    if num_classes is None and task == "regression":
+        return 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"`num_classes` must be an integer >= 1 for task={task!r}. "
+            f"Received: num_classes={num_classes!r}"
+        )
+    return num_classes
+
+
+def attach(features, num_classes, *, task="classification", hidden_units=(), dropout=0.0,
+           regularizer=None, pooling="avg"):
+    """Puts a task head on a feature tensor.
+
+    Args:
+        features: A symbolic Keras tensor from the backbone, `[b, d]` or
+            `[b, h, w, c]` (pooled first).
+        num_classes: Integer, number of classes / labels / regression values.
+        task: String, `"classification"`, `"multi_label"` or `"regression"`.
+        hidden_units: Sequence of integers, widths of ReLU layers before the
+            output layer. Defaults to `()`.
+        dropout: Float in [0, 1), dropout before each dense layer.
+        regularizer: Optional Keras regularizer for the head's kernels.
+        pooling: `"avg"` or `"max"`, how feature maps are pooled.
+
+    Returns:
+        The output tensor; the last layer is named `"predictions"`.
+    """
+    spec = TASKS.lookup(task)
+    _check_dropout(dropout)
+    x = _pool(features, pooling)
+    for i, units in enumerate(hidden_units):
+        x = _dropout(x, dropout, f"head_dropout_{i}")
+        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
+                               name=f"head_dense_{i}")(x)
+    x = _dropout(x, dropout, "head_dropout")
+    return keras.layers.Dense(num_classes, activation=spec["activation"],
+                              kernel_regularizer=regularizer, name="predictions",
+                              dtype="float32")(x)
+
+
+def _pool(x, pooling):
+    if len(x.shape) == 2:
+        return x
+    if len(x.shape) != 4:
+        raise ValueError(
+            f"The backbone's features must be [batch, d] or [batch, h, w, c]; "
+            f"got shape {tuple(x.shape)}. Pass `output_layer=` to cut it elsewhere."
+        )
+    layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+    if pooling not in layers:
+        raise ValueError(f'`pooling` must be "avg" or "max". Received: pooling={pooling!r}')
+    return layers[pooling](name="head_pool")(x)
+
+
+def _check_dropout(dropout):
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+
+
+def _dropout(x, rate, name):
+    return keras.layers.Dropout(rate, name=name)(x) if rate else x
+
+
+def auto_loss(task, num_classes, label_smoothing=0.0):
+    """The loss a head of `task` trains with."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(
+            f"`label_smoothing` must be in [0, 1). Received: label_smoothing={label_smoothing!r}"
+        )
+    return TASKS.lookup(task)["loss"](num_classes, label_smoothing)
+
+
+def auto_metrics(task, num_classes):
+    """The metrics reported for a head of `task`."""
+    return TASKS.lookup(task)["metrics"](num_classes)

@@ -1,0 +1,223 @@
+"""Optimizers, learning-rate schedules and regularizers from identifiers.
+
+Every `get_*` takes `None`, a short string, a `{"class_name", "config"}` dict
+or a ready Keras object, like `keras.optimizers.get`, and fails with the list
+of valid names otherwise.
+
+Example:
+
+>>> opt = get_optimizer("sgd", learning_rate=0.01, momentum=0.9, nesterov=True)
+>>> sched = get_schedule({"class_name": "warmup_cosine",
+...                       "config": {"warmup_steps": 10, "decay_steps": 100}},
+...                      learning_rate=1e-3)
+>>> reg = get_regularizer("l1_l2:1e-5,1e-4")
+"""
+
+import keras
+
+from tftransfer._registry import Registry, check_config_dict
+
+_OPTIMIZERS = Registry(
+    "optimizer",
+    "optimizer",
+    {
+        "sgd": keras.optimizers.SGD,
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "rmsprop": keras.optimizers.RMSprop,
+        "nadam": keras.optimizers.Nadam,
+        "adagrad": keras.optimizers.Adagrad,
+        "adadelta": keras.optimizers.Adadelta,
+        "adamax": keras.optimizers.Adamax,
+        "adafactor": keras.optimizers.Adafactor,
+        "ftrl": keras.optimizers.Ftrl,
+        "lamb": keras.optimizers.Lamb,
+        "lion": keras.optimizers.Lion,
+    },
+)
+
+
+def optimizer_names():
+    """Returns the optimizer names `get_optimizer` accepts."""
+    return _OPTIMIZERS.names()
+
+
+def get_optimizer(identifier="adam", learning_rate=None, **kwargs):
+    """Returns a new Keras optimizer.
+
+    Args:
+        identifier: A name (`"adam"`, `"sgd"`, `"adamw"`, `"rmsprop"`,
+            `"nadam"`, `"adagrad"`, `"lion"`, ...), a
+            `{"class_name": name, "config": {...}}` dict, or a
+            `keras.optimizers.Optimizer` instance (returned as is).
+        learning_rate: Float, a `LearningRateSchedule`, or None to keep the
+            optimizer's default (or the dict's `learning_rate`).
+        **kwargs: More constructor arguments, e.g. `momentum=0.9`,
+            `nesterov=True`, `weight_decay=1e-4`, `clipnorm=1.0`. They
+            override the dict's config.
+
+    Returns:
+        A `keras.optimizers.Optimizer`.
+    """
+    if isinstance(identifier, keras.optimizers.Optimizer):
+        return identifier
+    config = {}
+    if isinstance(identifier, dict):
+        identifier, config = check_config_dict(identifier, "optimizer")
+    cls = _OPTIMIZERS.lookup(identifier)
+    config.update(kwargs)
+    if learning_rate is not None:
+        config["learning_rate"] = learning_rate
+    return _construct(cls, config, "optimizer", identifier)
+
+
+def _construct(cls, config, argument, name):
+    try:
+        return cls(**config)
+    except TypeError as e:
+        raise ValueError(
+            f"Invalid arguments for {argument} {name!r}: {e}. "
+            f"Received: {argument}_config={config!r}"
+        ) from None
+
+
+def _warmup_cosine(learning_rate, decay_steps, warmup_steps=0, alpha=0.0, initial_learning_rate=0.0):
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=initial_learning_rate,
+        decay_steps=decay_steps,
+        alpha=alpha,
+        warmup_target=learning_rate,
+        warmup_steps=warmup_steps,
+    )
+
+
+def _with_initial(cls):
+    def make(learning_rate, **config):
+        config.setdefault("initial_learning_rate", learning_rate)
+        return cls(**config)
+
+    return make
+
+
+def _piecewise(learning_rate, boundaries, values=None, factors=None):
+    if values is None:
+        values = [learning_rate * f for f in (factors or [])]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+_SCHEDULES = Registry(
+    "learning-rate schedule",
+    "learning_rate",
+    {
+        "cosine": _with_initial(keras.optimizers.schedules.CosineDecay),
+        "cosine_restarts": _with_initial(keras.optimizers.schedules.CosineDecayRestarts),
+        "exponential": _with_initial(keras.optimizers.schedules.ExponentialDecay),
+        "inverse_time": _with_initial(keras.optimizers.schedules.InverseTimeDecay),
+        "polynomial": _with_initial(keras.optimizers.schedules.PolynomialDecay),
+        "piecewise": _piecewise,
+        "warmup_cosine": _warmup_cosine,
+    },
+)
+
+
+def schedule_names():
+    """Returns the schedule names `get_schedule` accepts."""
+    return _SCHEDULES.names()
+
+
+def get_schedule(identifier, learning_rate=1e-3):
+    """Returns a learning rate: a float or a Keras `LearningRateSchedule`.
+
+    Args:
+        identifier: A float (returned as is), a `LearningRateSchedule`
+            instance, or a `{"class_name": name, "config": {...}}` dict with
+            `name` one of `cosine`, `cosine_restarts`, `exponential`,
+            `inverse_time`, `polynomial`, `piecewise`, `warmup_cosine`. The
+            config holds the schedule's arguments; `learning_rate` is the
+            starting (or, for `warmup_cosine`, the peak) rate unless the
+            config sets `initial_learning_rate`. `piecewise` takes
+            `boundaries` and `values` (or `factors` of `learning_rate`).
+        learning_rate: Float, the base rate used by dict schedules.
+
+    Returns:
+        A float or a `keras.optimizers.schedules.LearningRateSchedule`.
+    """
+    if isinstance(identifier, keras.optimizers.schedules.LearningRateSchedule):
+        return identifier
+    if isinstance(identifier, (int, float)) and not isinstance(identifier, bool):
+        if identifier <= 0:
+            raise ValueError(
+                f"`learning_rate` must be a positive float. Received: learning_rate={identifier}"
+            )
+        return float(identifier)
+    if isinstance(identifier, str):
+        identifier = {"class_name": identifier}
+    if not isinstance(identifier, dict):
+        raise ValueError(
+            "`learning_rate` must be a positive float, a keras "
+            "LearningRateSchedule or a dict "
+            '{"class_name": <schedule>, "config": {...}} with a schedule in '
+            f"{schedule_names()}. Received: learning_rate={identifier!r}"
+        )
+    name, config = check_config_dict(identifier, "learning_rate")
+    if name not in _SCHEDULES and hasattr(keras.optimizers.schedules, str(name)):
+        # A Keras-serialised schedule, e.g. from `keras.saving.serialize_keras_object`.
+        return keras.optimizers.schedules.deserialize(identifier)
+    make = _SCHEDULES.lookup(name)
+    return _construct(lambda **c: make(learning_rate, **c), config, "learning_rate", name)
+
+
+def _parse_factors(kind, text, count, spec):
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != count or any(v < 0 for v in values):
+        raise ValueError(
+            f"`regularizer` {kind!r} takes {count} non-negative factor(s), as in "
+            '"l1:1e-4", "l2:1e-4" or "l1_l2:1e-5,1e-4". '
+            f"Received: regularizer={spec!r}"
+        )
+    return values
+
+
+_REGULARIZERS = Registry(
+    "regularizer",
+    "regularizer",
+    {
+        "l1": ((0.01,), lambda f: keras.regularizers.L1(f[0])),
+        "l2": ((0.01,), lambda f: keras.regularizers.L2(f[0])),
+        "l1_l2": ((0.01, 0.01), lambda f: keras.regularizers.L1L2(l1=f[0], l2=f[1])),
+        "orthogonal": ((0.01,), lambda f: keras.regularizers.OrthogonalRegularizer(f[0])),
+    },
+)
+
+
+def get_regularizer(identifier):
+    """Returns a Keras regularizer (or None).
+
+    Args:
+        identifier: None, `"l1:1e-4"`, `"l2:1e-4"`, `"l1_l2:1e-5,1e-4"`,
+            `"orthogonal:0.01"`, a bare name (factor 0.01), a
+            `{"class_name", "config"}` dict, or a `keras.regularizers.Regularizer`.
+
+    Returns:
+        A `keras.regularizers.Regularizer` or None.
+    """
+    if identifier is None or isinstance(identifier, keras.regularizers.Regularizer):
+        return identifier
+    if isinstance(identifier, dict):
+        check_config_dict(identifier, "regularizer")
+        return keras.regularizers.deserialize(identifier)
+    if not isinstance(identifier, str):
+        raise ValueError(
+            "`regularizer` must be None, a string such as \"l2:1e-4\", a dict "
+            "or a keras Regularizer. Received: "
+            f"regularizer={identifier!r}"
+        )
+    name, _, factors = identifier.partition(":")
+    defaults, make = _REGULARIZERS.lookup(name)
+    if not factors:
+        return make(defaults)
+    return make(_parse_factors(name, factors, len(defaults), identifier))
