@@ -10,6 +10,7 @@ the handle, not a pickle.
 """
 
 import os
+import warnings
 
 import keras
 import tensorflow as tf
@@ -112,6 +113,14 @@ class HubLayer(keras.layers.Layer):
         self._endpoint, self._takes_training = self._pick_endpoint(loaded)
         self._hub_object = loaded
         trainable, non_trainable = _variables_of(loaded, self._endpoint)
+        if not trainable + non_trainable:
+            warnings.warn(
+                f"The SavedModel at {self.handle!r} exposes no variables to TF2 "
+                "(TF1 models written with reference variables do this); it can "
+                "only be used as a frozen feature extractor. Re-export it after "
+                "`tf.compat.v1.enable_resource_variables()` to fine-tune it.",
+                stacklevel=3,
+            )
         for v in trainable + non_trainable:
             is_trainable = any(v is t for t in trainable)
             self._track_variable(keras.Variable(v, trainable=is_trainable, name=_keras_name(v)))

@@ -133,9 +133,9 @@ def get_schedule(identifier, learning_rate=1e-3):
             instance, or a `{"class_name": name, "config": {...}}` dict with
             `name` one of `cosine`, `cosine_restarts`, `exponential`,
             `inverse_time`, `polynomial`, `piecewise`, `warmup_cosine`. The
-            config holds the schedule's arguments; `learning_rate` is the
-            starting (or, for `warmup_cosine`, the peak) rate unless the
-            config sets `initial_learning_rate`. `piecewise` takes
+            config holds the schedule's arguments; its `learning_rate` (else
+            the `learning_rate` argument) is the starting rate, or the peak
+            rate for `warmup_cosine`. `piecewise` takes
             `boundaries` and `values` (or `factors` of `learning_rate`).
         learning_rate: Float, the base rate used by dict schedules.
 
@@ -164,7 +164,8 @@ def get_schedule(identifier, learning_rate=1e-3):
         # A Keras-serialised schedule, e.g. from `keras.saving.serialize_keras_object`.
         return keras.optimizers.schedules.deserialize(identifier)
     make = _SCHEDULES.lookup(name)
-    return _construct(lambda **c: make(learning_rate, **c), config, "learning_rate", name)
+    base = config.pop("learning_rate", learning_rate)
+    return _construct(lambda **c: make(base, **c), config, "learning_rate", name)
 
 
 def _parse_factors(kind, text, count, spec):

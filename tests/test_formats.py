@@ -1,0 +1,112 @@
+"""Every backbone format: loads faithfully, freezes, fine-tunes, round-trips."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import SAVED, changed, weights_of
+from tftransfer import build_finetuner, load_backbone
+
+# (id, source, extra build arguments, whether the backbone is one opaque HubLayer)
+FORMATS = [
+    ("keras", "digits_cnn.keras", {}, False),
+    ("keras3_h5", "digits_cnn.h5", {}, False),
+    ("keras3_export", "digits_cnn_export", {}, True),
+    ("tf2_hub_savedmodel", "digits_cnn_hub", {}, True),
+    ("tf1_signature", "digits_cnn_tf1",
+     {"signature": "image_feature_vector", "output_key": "feature_vector"}, True),
+    ("tf_keras2_savedmodel", "digits_cnn_tfkeras", {}, False),
+    ("tf_keras2_h5_sequential", "digits_cnn_tfkeras.h5", {"input_shape": (32, 32, 3)}, False),
+]
+IDS = [f[0] for f in FORMATS]
+
+
+def _source(name):
+    return str(SAVED / name)
+
+
+@pytest.fixture(scope="module")
+def reference_features(digits_target):
+    x, _ = digits_target
+    reference = keras.saving.load_model(SAVED / "digits_cnn.keras")
+    return x[:16], np.asarray(reference(x[:16], training=False))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_each_format_gives_the_pretrained_features(fmt, reference_features):
+    _, name, extra, _ = fmt
+    x, expected = reference_features
+    kwargs = {k: v for k, v in extra.items() if k in ("signature", "output_key", "input_shape")}
+    backbone = load_backbone(_source(name), **kwargs)
+    assert tuple(backbone.input_shape[1:]) == (32, 32, 3)
+    np.testing.assert_allclose(np.asarray(backbone(x, training=False)), expected, atol=1e-4)
+
+
+def _fit_once(model, batch):
+    x, y = batch
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_frozen_backbone_keeps_weights_and_bn_statistics(fmt, small_batch):
+    _, name, extra, _ = fmt
+    model = build_finetuner(_source(name), num_classes=5, trainable="none", **extra)
+    backbone, head = model.get_layer("backbone"), model.get_layer("predictions")
+    before_backbone, before_head = weights_of(backbone), weights_of(head)
+    assert len(before_backbone) > 0
+    _fit_once(model, small_batch)
+    assert changed(before_backbone, weights_of(backbone)) == set()
+    assert changed(before_head, weights_of(head)) == set(before_head)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_trainable_all_changes_backbone(fmt, small_batch):
+    _, name, extra, opaque = fmt
+    model = build_finetuner(_source(name), num_classes=5, trainable="all",
+                            freeze_batchnorm=False, **extra)
+    backbone = model.get_layer("backbone")
+    before = weights_of(backbone)
+    _fit_once(model, small_batch)
+    moved = changed(before, weights_of(backbone))
+    kernels = {k for k in before if "kernel" in k}
+    if fmt[0] in ("keras3_export", "tf1_signature"):
+        # An inference-only function (`model.export()`, a TF1 signature):
+        # BN statistics cannot update, the trainable weights still do.
+        assert kernels and kernels <= moved
+    elif opaque:
+        assert moved == set(before)  # Every weight, BN statistics included.
+    else:
+        assert kernels <= moved and any("moving_mean" in k for k in moved)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_top_1_trains_only_the_last_weighted_layer(fmt, small_batch):
+    _, name, extra, opaque = fmt
+    model = build_finetuner(_source(name), num_classes=5, trainable="top:1", **extra)
+    backbone = model.get_layer("backbone")
+    before = weights_of(backbone)
+    _fit_once(model, small_batch)
+    moved = changed(before, weights_of(backbone))
+    if opaque:
+        # The whole SavedModel is one layer: "top:1" is all of it.
+        assert {w.path for w in backbone.trainable_weights} <= moved
+    else:
+        # BatchNormalization stays frozen by default: the last layer that may
+        # train is conv3.
+        assert {k.split("/")[-2] for k in moved} == {"conv3"}
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f[0] in
+                                 ("keras", "tf2_hub_savedmodel", "tf1_signature",
+                                  "keras3_export", "tf_keras2_savedmodel")],
+                         ids=lambda f: f[0])
+def test_keras_save_and_reload_gives_identical_outputs(fmt, small_batch, tmp_path):
+    _, name, extra, _ = fmt
+    model = build_finetuner(_source(name), num_classes=5, trainable="all", **extra)
+    _fit_once(model, small_batch)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    x = small_batch[0]
+    np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))
+    assert len(reloaded.trainable_weights) == len(model.trainable_weights)
