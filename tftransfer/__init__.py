@@ -13,6 +13,8 @@ from tftransfer.finetuner import build_finetuner
 from tftransfer.freezing import describe_trainable
 from tftransfer.layers import HubLayer, ImagePreprocessing
 from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
+from tftransfer.reports import evaluate_classifier, format_report
+from tftransfer.train import fine_tune
 
 __all__ = [
     "APPLICATIONS",
@@ -20,8 +22,21 @@ __all__ = [
     "ImagePreprocessing",
     "build_finetuner",
     "describe_trainable",
+    "evaluate_classifier",
+    "export_for_serving",
+    "fine_tune",
+    "format_report",
     "get_optimizer",
     "get_regularizer",
     "get_schedule",
     "load_backbone",
 ]
+
+
+def __getattr__(name):
+    # Imported on first use, so `python -m tftransfer.export` runs cleanly.
+    if name == "export_for_serving":
+        from tftransfer.export import export_for_serving
+
+        return export_for_serving
+    raise AttributeError(f"module 'tftransfer' has no attribute {name!r}")

@@ -7,8 +7,6 @@ from tftransfer.backbones import load_backbone
 from tftransfer.distribute import scope
 from tftransfer.layers import ImagePreprocessing
 
-_NO_DECAY = ["bias", "gamma", "beta", "moving_mean", "moving_variance"]
-
 
 def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="none",
                     dropout=0.0, hidden_units=(), regularizer=None, optimizer="adam",
@@ -127,7 +125,7 @@ def _optimizer(identifier, learning_rate, weight_decay, options):
         kwargs["weight_decay"] = weight_decay
     opt = optim.get_optimizer(identifier, learning_rate=optim.get_schedule(learning_rate), **kwargs)
     if weight_decay:
-        opt.exclude_from_weight_decay(var_names=_NO_DECAY)
+        opt.exclude_from_weight_decay(var_names=optim.NO_DECAY)
     return opt
 
 

@@ -17,6 +17,9 @@ import keras
 
 from tftransfer._registry import Registry, check_config_dict
 
+# Variables that decoupled weight decay leaves alone.
+NO_DECAY = ["bias", "gamma", "beta", "moving_mean", "moving_variance"]
+
 _OPTIMIZERS = Registry(
     "optimizer",
     "optimizer",

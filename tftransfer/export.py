@@ -1,0 +1,690 @@
+"""Export fine-tuned Keras models as versioned SavedModels for TF Serving.
+
+`export_for_serving(model, "exports/digits")` writes `exports/digits/<N>/`,
+version N of a TF Serving model. The model takes raw 0-255 float pixels (its
+preprocessing is a layer inside it), so serving has no train/serve skew.
+Each version holds the SavedModel, `assets/labels.txt` and, in
+`assets.extra/`, `tftransfer.json`, `tf_serving_warmup_requests` and the
+optional `model.keras` / `model.tflite`. It is written in
+`<base_dir>/.tmp-<N>-<random>/` and renamed into place, so a server watching
+base_dir never sees half a version.
+
+Signatures: `serving_default` takes `images` float32 [batch, H, W, C] (0-255);
+`serving_bytes` takes `image_bytes` string [batch] (JPEG/PNG/GIF/BMP, decoded,
+converted to C channels and resized to HxW in the graph; REST clients send
+`{"image_bytes": {"b64": ...}}`). Outputs: classification `probabilities`,
+`classes`, `scores`, `labels` (top-k); multi_label `scores`, `label_names`;
+regression `values`. docs/serving.md has the tables and the serving recipes.
+
+Check an export: `python -m tftransfer.export verify DIR [--compare M.keras]`.
+"""
+
+import argparse
+import base64
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import tftransfer
+
+TASKS = ("classification", "multi_label", "regression")
+EXTRA_FORMATS = ("keras", "tflite")
+DEFAULT_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "tftransfer.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+TFLITE_TOLERANCE = 1e-4
+COMPARE_TOLERANCE = 1e-5
+PRIMARY_OUTPUTS = ("probabilities", "scores", "values")
+_DECODABLE_CHANNELS = (1, 3, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What the serving signatures need to know about the model."""
+
+    task: str
+    input_shape: tuple
+    output_shape: tuple
+    class_names: tuple
+    top_k: int
+
+    @property
+    def num_outputs(self):
+        return self.output_shape[-1] if self.output_shape else 1
+
+
+def _bad_arg(name, expected, value):
+    return ValueError(f"Argument `{name}` {expected}. Received: {name}={value!r}")
+
+
+def export_for_serving(model, base_dir, *, version=None, class_names=None,
+                       overwrite=False, task=None, top_k=5, metadata=None,
+                       warmup=True, extra_formats=()):
+    """Writes `model` as version `version` of a TF Serving model directory.
+
+    Args:
+        model: single-input, single-output `keras.Model` taking float32
+            [None, H, W, C] images in 0-255. May carry a dict
+            `model.tftransfer_info` (task, backbone, hyperparameters, ...).
+        base_dir: the model's directory (the one TF Serving's
+            `--model_base_path` points to); created if missing.
+        version: positive int; default one more than the highest version.
+        class_names: one name per output; default `tftransfer_info`'s
+            `class_names`, else "0".."n-1".
+        overwrite: replace an existing version (old files are renamed aside,
+            the new ones renamed in, then the old ones deleted).
+        task: "classification", "multi_label" or "regression"; default
+            `tftransfer_info["task"]`, else inferred from the last layer's
+            activation (softmax, sigmoid, anything else).
+        top_k: number of classes in `classes`/`scores`/`labels`
+            (capped at the number of classes).
+        metadata: JSON-able dict stored in `assets.extra/tftransfer.json`.
+        warmup: write `assets.extra/tf_serving_warmup_requests`.
+        extra_formats: any of "keras", "tflite": also write
+            `assets.extra/model.keras` / `assets.extra/model.tflite`.
+
+    Returns:
+        The path of the written version directory, as a string.
+
+    Raises:
+        ValueError: on a bad argument or a model outside the contract.
+        FileExistsError: the version exists and `overwrite` is False.
+    """
+    spec = _make_spec(model, class_names, task, top_k)
+    formats = _check_extra_formats(extra_formats)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _bad_arg("metadata", "must be a dict or None", metadata)
+    base = pathlib.Path(base_dir)
+    version = _resolve_version(base, version)
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / str(version)
+    if final.exists() and not overwrite:
+        raise FileExistsError(_exists_message(final))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+    try:
+        _write_version(tmp, model, spec, version, metadata, warmup, formats)
+        _publish(tmp, final, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+# ----------------------------------------------------------------- arguments
+
+
+def _make_spec(model, class_names, task, top_k):
+    """Checks the model and arguments; returns the `_Spec`."""
+    input_shape, output_shape = _model_shapes(model)
+    info = getattr(model, "tftransfer_info", None) or {}
+    task = task or info.get("task") or _infer_task(model)
+    if task not in TASKS:
+        expected = f"must be one of {TASKS} (or None to infer it)"
+        raise _bad_arg("task", expected, task)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise _bad_arg("top_k", "must be a positive integer", top_k)
+    if task != "regression" and len(output_shape) != 1:
+        raise ValueError(f"A {task} model must output [batch, n]; this "
+                         f"model outputs {(None,) + output_shape}.")
+    names = class_names if class_names is not None else info.get("class_names")
+    spec = _Spec(task, input_shape, output_shape, (), top_k)
+    names = _check_class_names(names, spec)
+    return dataclasses.replace(spec, class_names=names)
+
+
+def _model_shapes(model):
+    """Returns ((H, W, C), output shape without batch) of a 1-in/1-out model."""
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError("export_for_serving needs a built keras.Model with "
+                         "one image input and one output.")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ValueError("The model input must be [None, H, W, C] with known "
+                         f"H, W and C. Received: input shape={shape}")
+    return shape[1:], tuple(outputs[0].shape[1:])
+
+
+def _infer_task(model):
+    """softmax -> classification, sigmoid -> multi_label, else regression."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return "classification"
+    name = getattr(getattr(last, "activation", None), "__name__", "")
+    return {"softmax": "classification", "sigmoid": "multi_label"}.get(
+        name, "regression")
+
+
+def _check_class_names(names, spec):
+    """Returns the class names as a tuple (default "0".."n-1")."""
+    n = spec.num_outputs
+    if names is None:
+        return tuple(str(i) for i in range(n))
+    names = tuple(names) if not isinstance(names, str) else None
+    ok = names is not None and all(
+        isinstance(x, str) and x and "\n" not in x for x in names)
+    if not ok or len(names) != n:
+        expected = (f"must be {n} non-empty strings without newlines, one per "
+                    f"output of this {spec.task} model")
+        raise _bad_arg("class_names", expected, names)
+    return names
+
+
+def _check_extra_formats(extra_formats):
+    formats = (extra_formats,) if isinstance(extra_formats, str) else extra_formats
+    formats = tuple(formats or ())
+    if any(f not in EXTRA_FORMATS for f in formats):
+        raise _bad_arg("extra_formats",
+                       f"may only contain {EXTRA_FORMATS}", extra_formats)
+    return formats
+
+
+def existing_versions(base_dir):
+    """Sorted integer version numbers of the subdirectories of `base_dir`."""
+    base = pathlib.Path(base_dir)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir()
+                  if p.is_dir() and p.name.isascii() and p.name.isdigit())
+
+
+def _resolve_version(base, version):
+    if version is None:
+        return max(existing_versions(base), default=0) + 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        expected = "must be a positive integer (1, 2, ...) or None for the next one"
+        raise _bad_arg("version", expected, version)
+    return version
+
+
+def _exists_message(final):
+    return (f"Version directory {final} already exists; pass overwrite=True "
+            "to replace it, or another `version`.")
+
+
+# ------------------------------------------------------------------- writing
+
+
+def _write_version(path, model, spec, version, metadata, warmup, formats):
+    """Writes every file of one version into the (temporary) `path`."""
+    signatures = _save_savedmodel(model, spec, path)
+    extra = path / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    (path / "assets").mkdir(exist_ok=True)
+    (path / "assets" / LABELS_FILE).write_text("\n".join(spec.class_names) + "\n")
+    extras = _write_extra_formats(path, model, spec, formats)
+    records = _write_warmup(extra / WARMUP_FILE, spec, signatures) if warmup else 0
+    meta = _metadata(model, spec, version, metadata, signatures, records, extras)
+    (extra / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _save_savedmodel(model, spec, path):
+    """Saves the serving signatures with `keras.export.ExportArchive`.
+
+    The archive tracks exactly the variables the signatures use, including
+    raw `tf.Variable`s of layers wrapping a `tf.saved_model.load`ed object.
+
+    Returns:
+        The names of the signatures written.
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    image_spec = tf.TensorSpec((None,) + spec.input_shape, tf.float32,
+                               name=IMAGES_INPUT)
+
+    def serving_default(images):
+        return _serving_outputs(model, spec, images)
+
+    def serving_bytes(image_bytes):
+        return _serving_outputs(model, spec, _decode_images(image_bytes, spec))
+
+    archive.add_endpoint(DEFAULT_SIGNATURE, serving_default, [image_spec])
+    names = [DEFAULT_SIGNATURE]
+    if spec.input_shape[-1] in _DECODABLE_CHANNELS:
+        bytes_spec = tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)
+        archive.add_endpoint(BYTES_SIGNATURE, serving_bytes, [bytes_spec])
+        names.append(BYTES_SIGNATURE)
+    else:
+        warnings.warn(f"No `{BYTES_SIGNATURE}` signature: images cannot be "
+                      f"decoded to {spec.input_shape[-1]} channels.")
+    archive.write_out(str(path), verbose=False)
+    return names
+
+
+def _serving_outputs(model, spec, images):
+    """The signature outputs (a dict) of `model` on float 0-255 `images`."""
+    y = tf.cast(model(images, training=False), tf.float32)
+    names = tf.constant(spec.class_names)
+    if spec.task == "regression":
+        return {"values": y}
+    if spec.task == "multi_label":
+        index = tf.broadcast_to(tf.range(spec.num_outputs), tf.shape(y))
+        return {"scores": y, "label_names": tf.gather(names, index)}  # TFLite-able
+    scores, classes = tf.math.top_k(y, k=min(spec.top_k, spec.num_outputs))
+    return {"probabilities": y, "classes": classes, "scores": scores,
+            "labels": tf.gather(names, classes)}
+
+
+def _decode_images(image_bytes, spec):
+    """Decodes a [batch] string tensor to float32 [batch, H, W, C], 0-255."""
+    height, width, channels = spec.input_shape
+
+    def decode_one(data):
+        image = tf.io.decode_image(data, channels=0, expand_animations=False)
+        image = _to_channels(tf.cast(image, tf.float32), channels)
+        return tf.image.resize(image, (height, width), method="bilinear")
+
+    out = tf.TensorSpec(spec.input_shape, tf.float32)
+    return tf.map_fn(decode_one, image_bytes, fn_output_signature=out)
+
+
+def _to_channels(image, channels):
+    """Converts an [h, w, 1-4] float image to `channels` (1, 3 or 4).
+
+    Gray is replicated to RGB, RGB becomes gray by `rgb_to_grayscale`, alpha
+    is dropped or added as opaque 255. Decoding natively and converting here
+    works for every format (GIF only decodes to RGB, BMP not to gray, JPEG not
+    to RGBA).
+    """
+    n = tf.shape(image)[-1]
+    has_rgb = n >= 3
+    if channels == 1:
+        gray = tf.cond(has_rgb, lambda: tf.image.rgb_to_grayscale(image[..., :3]),
+                       lambda: image[..., :1])
+        return tf.ensure_shape(gray, (None, None, 1))
+    rgb = tf.cond(has_rgb, lambda: image[..., :3],
+                  lambda: tf.tile(image[..., :1], (1, 1, 3)))
+    if channels == 3:
+        return tf.ensure_shape(rgb, (None, None, 3))
+    alpha = tf.cond(tf.equal(n % 2, 0), lambda: image[..., -1:],
+                    lambda: tf.fill(tf.shape(image[..., :1]), 255.0))
+    return tf.ensure_shape(tf.concat([rgb, alpha], -1), (None, None, 4))
+
+
+def _publish(tmp, final, overwrite):
+    """Renames `tmp` to `final`; with `overwrite`, swaps out the old one."""
+    if not final.exists():
+        try:
+            os.rename(tmp, final)
+        except OSError as err:  # created meanwhile by someone else
+            raise FileExistsError(_exists_message(final)) from err
+        return
+    if not overwrite:
+        raise FileExistsError(_exists_message(final))
+    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sample_images(shape, batch=1, seed=0):
+    """Deterministic random whole-number float32 images [batch, *shape]."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, *shape)).astype("float32")
+
+
+def _encode_png(image):
+    return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
+
+
+def _write_warmup(path, spec, signatures):
+    """Writes PredictionLog warmup records; returns how many (0 if skipped)."""
+    try:
+        from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+    except ImportError:
+        warnings.warn("tensorflow-serving-api is not installed: no warmup "
+                      "requests written (pip install tensorflow-serving-api).")
+        return 0
+    shape = spec.input_shape
+    requests = [(DEFAULT_SIGNATURE, IMAGES_INPUT, _sample_images(shape, b, b))
+                for b in (1, 2)]
+    if BYTES_SIGNATURE in signatures:
+        png = _encode_png(_sample_images(shape)[0])
+        requests.append((BYTES_SIGNATURE, BYTES_INPUT, np.array([png], object)))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature, key, value in requests:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = signature
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return len(requests)
+
+
+def _write_extra_formats(path, model, spec, formats):
+    """Writes the `extra_formats` under assets.extra/; returns a report."""
+    report = {}
+    if "keras" in formats:
+        model.save(path / "assets.extra" / "model.keras")
+        report["keras"] = {"path": "assets.extra/model.keras"}
+    if "tflite" in formats:
+        report["tflite"] = _write_tflite(path, model, spec)
+    return report
+
+
+def _write_tflite(path, model, spec):
+    """Converts `serving_default` to TFLite and checks it against `model`."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(path), signature_keys=[DEFAULT_SIGNATURE])
+    flatbuffer = converter.convert()
+    (path / "assets.extra" / "model.tflite").write_bytes(flatbuffer)
+    images = _sample_images(spec.input_shape, batch=2)
+    with warnings.catch_warnings():  # tf.lite.Interpreter deprecation note
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    outputs = interpreter.get_signature_runner(DEFAULT_SIGNATURE)(images=images)
+    key = next(k for k in PRIMARY_OUTPUTS if k in outputs)
+    expected = model(images, training=False)
+    diff = float(np.max(np.abs(outputs[key] - np.asarray(expected))))
+    if not diff <= TFLITE_TOLERANCE:
+        warnings.warn(f"TFLite `{key}` differ from the Keras model by up to "
+                      f"{diff:.3g} (> {TFLITE_TOLERANCE}).")
+    return {"path": "assets.extra/model.tflite", "max_abs_diff": diff}
+
+
+def _metadata(model, spec, version, metadata, signatures, records, extras):
+    """The content of assets.extra/tftransfer.json."""
+    info = dict(getattr(model, "tftransfer_info", None) or {})
+    user = dict(metadata or {})
+    pick = lambda key: user.get(key, info.get(key))  # noqa: E731
+    return {
+        "tftransfer_version": tftransfer.__version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": version,
+        "task": spec.task,
+        "input": {"name": IMAGES_INPUT, "shape": [None, *spec.input_shape],
+                  "dtype": "float32", "value_range": [0, 255]},
+        "output_shape": [None, *spec.output_shape],
+        "class_names": list(spec.class_names),
+        "top_k": min(spec.top_k, spec.num_outputs),
+        "signatures": signatures,
+        "backbone": pick("backbone"),
+        "preprocessing": pick("preprocessing"),
+        "hyperparameters": pick("hyperparameters"),
+        "tftransfer_info": info,
+        "metadata": user,
+        "warmup_records": records,
+        "extra_formats": extras,
+    }
+
+
+# -------------------------------------------------------------------- verify
+
+
+class VerifyError(Exception):
+    """An export failed verification."""
+
+
+def resolve_version_dir(path):
+    """Returns the SavedModel dir: `path` itself or its highest version."""
+    path = pathlib.Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    versions = existing_versions(path)
+    if versions and (path / str(versions[-1]) / "saved_model.pb").is_file():
+        return path / str(versions[-1])
+    raise VerifyError(f"{path} is not a SavedModel directory (no saved_model.pb)"
+                      " nor a base directory with numbered versions.")
+
+
+def verify_export(path, *, compare=None, model_name=None, out=print):
+    """Loads an export, runs every signature and checks the side files.
+
+    Args:
+        path: a version directory or a base directory (highest version).
+        compare: optional `.keras` file; `serving_default` must match it.
+        model_name: name in the printed curl command (default: base dir).
+        out: where the report lines go.
+
+    Returns:
+        The list of problems found (empty when all is good).
+
+    Raises:
+        VerifyError: `path` is not a loadable SavedModel.
+    """
+    vdir = resolve_version_dir(path)
+    out(f"SavedModel: {vdir}")
+    try:
+        loaded = tf.saved_model.load(str(vdir))
+    except Exception as err:  # noqa: BLE001 - any load failure is a finding
+        raise VerifyError(f"cannot load {vdir} as a SavedModel: {err}") from err
+    meta = _read_metadata(vdir)
+    problems = _check_signatures(loaded, meta, out)
+    if DEFAULT_SIGNATURE in loaded.signatures:
+        problems += _check_labels(vdir, loaded, meta)
+        problems += _check_bytes_path(loaded)
+        problems += _check_warmup(vdir, loaded, out)
+        if compare:
+            problems += _compare_keras(loaded, compare, out)
+        out(_curl_command(vdir, loaded, model_name))
+    return problems
+
+
+def _read_metadata(vdir):
+    path = vdir / "assets.extra" / METADATA_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as err:
+        raise VerifyError(f"{path} is not valid JSON: {err}") from err
+
+
+def _spec_line(name, spec):
+    return f"    {name}: {spec.dtype.name} {list(spec.shape)}"
+
+
+
+def _call_default(loaded, images):
+    fn = loaded.signatures[DEFAULT_SIGNATURE]
+    key = next(iter(fn.structured_input_signature[1]))
+    return fn(**{key: tf.constant(images, tf.float32)})
+
+
+def _primary(outputs):
+    """The main numeric output: probabilities, scores or values."""
+    return next((outputs[k] for k in PRIMARY_OUTPUTS if k in outputs), None)
+
+
+def _check_signatures(loaded, meta, out):
+    """Prints every signature, runs it on a sample; returns problems."""
+    expected = meta.get("signatures") or [DEFAULT_SIGNATURE]
+    problems = [f"signature `{name}` is missing" for name in expected
+                if name not in loaded.signatures]
+    if DEFAULT_SIGNATURE not in loaded.signatures:
+        return problems or [f"signature `{DEFAULT_SIGNATURE}` is missing"]
+    images = _sample_images(_image_shape(loaded), batch=2)
+    for name, fn in loaded.signatures.items():
+        out(f"signature {name}:")
+        inputs = fn.structured_input_signature[1]
+        for key, spec in inputs.items():
+            out(_spec_line(key, spec) + "  (input)")
+        for key, spec in fn.structured_outputs.items():
+            out(_spec_line(key, spec))
+        try:
+            result = fn(**_sample_inputs(inputs, images))
+        except Exception as err:  # noqa: BLE001 - report, do not crash
+            problems.append(f"signature `{name}` fails on a sample: {err}")
+            continue
+        for key, value in result.items():
+            out(f"    sample {key}[0]: {_short(value.numpy()[0])}")
+    return problems
+
+
+def _image_shape(loaded):
+    """(H, W, C) of the image input of `serving_default`."""
+    inputs = loaded.signatures[DEFAULT_SIGNATURE].structured_input_signature[1]
+    return tuple(next(iter(inputs.values())).shape[1:])
+
+
+def _sample_inputs(inputs, images):
+    """`images` as the signature wants them: floats, or PNG strings."""
+    return {key: tf.constant([_encode_png(i) for i in images])
+            if spec.dtype == tf.string else tf.constant(images, spec.dtype)
+            for key, spec in inputs.items()}
+
+
+def _short(array, limit=5):
+    flat = np.asarray(array).ravel()
+    items = [x.decode() if isinstance(x, bytes) else x.item() for x in flat[:limit]]
+    items = [round(x, 4) if isinstance(x, float) else x for x in items]
+    return str(items) + (f" ... ({flat.size} values)" if flat.size > limit else "")
+
+
+def _check_labels(vdir, loaded, meta):
+    """labels.txt must have one line per output of `serving_default`."""
+    outputs = loaded.signatures[DEFAULT_SIGNATURE].structured_outputs
+    primary = _primary(outputs)
+    shape = primary.shape if primary is not None else ()
+    n = shape[-1] if len(shape) > 1 else 1
+    path = vdir / "assets" / LABELS_FILE
+    if not path.is_file():
+        optional = primary is None or "values" in outputs
+        return [] if optional else [f"assets/{LABELS_FILE} is missing"]
+    lines = path.read_text().splitlines()
+    if len(lines) != n:
+        return [f"assets/{LABELS_FILE} has {len(lines)} lines, the model "
+                f"has {n} outputs"]
+    if meta.get("class_names") not in (None, lines):
+        return [f"assets/{LABELS_FILE} differs from {METADATA_FILE}"]
+    return []
+
+
+def _check_bytes_path(loaded):
+    """`serving_bytes` on PNGs must match `serving_default` on their pixels."""
+    if BYTES_SIGNATURE not in loaded.signatures:
+        return []
+    images = _sample_images(_image_shape(loaded), batch=2, seed=1)
+    pngs = tf.constant([_encode_png(i) for i in images])
+    got = _primary(loaded.signatures[BYTES_SIGNATURE](image_bytes=pngs))
+    want = _primary(_call_default(loaded, images))
+    diff = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+    if diff <= COMPARE_TOLERANCE:
+        return []
+    return [f"`{BYTES_SIGNATURE}` on PNG differs from `{DEFAULT_SIGNATURE}` "
+            f"on the same pixels by {diff:.3g}"]
+
+
+def _check_warmup(vdir, loaded, out):
+    """Every warmup record must parse and run, as TF Serving does at load."""
+    path = vdir / "assets.extra" / WARMUP_FILE
+    if not path.is_file():
+        out("warmup: no assets.extra/" + WARMUP_FILE)
+        return []
+    try:
+        from tensorflow_serving.apis import prediction_log_pb2
+    except ImportError:
+        out("warmup: not checked (tensorflow-serving-api not installed)")
+        return []
+    problems, count = [], 0
+    for count, record in enumerate(tf.data.TFRecordDataset(str(path)), 1):
+        try:
+            _run_warmup_record(loaded, prediction_log_pb2, record.numpy())
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"warmup record {count} fails: {err}")
+    out(f"warmup: {count} PredictionLog records")
+    return problems + ([] if 0 < count <= 1000 else
+                       [f"warmup: {count} records (TF Serving wants 1-1000)"])
+
+
+def _run_warmup_record(loaded, prediction_log_pb2, record):
+    request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+    fn = loaded.signatures[request.model_spec.signature_name or DEFAULT_SIGNATURE]
+    fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+
+
+def _compare_keras(loaded, keras_path, out):
+    """`serving_default` must match the Keras model within 1e-5."""
+    try:
+        model = keras.models.load_model(keras_path, compile=False)
+    except Exception as err:  # noqa: BLE001
+        return [f"cannot load {keras_path} with keras.models.load_model: {err}"]
+    images = _sample_images(_image_shape(loaded), batch=2, seed=2)
+    want = np.asarray(model(images, training=False), np.float32)
+    got = np.asarray(_primary(_call_default(loaded, images)))
+    if got.shape != want.shape:
+        return [f"--compare: shapes differ: export {got.shape}, keras {want.shape}"]
+    diff = float(np.max(np.abs(got - want)))
+    out(f"compare with {keras_path}: max abs diff {diff:.3g}")
+    return [] if diff <= COMPARE_TOLERANCE else [
+        f"--compare: outputs differ by {diff:.3g} (> {COMPARE_TOLERANCE})"]
+
+
+def _curl_command(vdir, loaded, model_name):
+    """Ready REST requests for TF Serving on localhost:8501."""
+    name = model_name or (vdir.parent.name if vdir.name.isdigit() else vdir.name)
+    url = f"http://localhost:8501/v1/models/{name}:predict"
+    if BYTES_SIGNATURE not in loaded.signatures:
+        return (f"REST request:\n  curl -d '{{\"instances\": [<H x W x C "
+                f"nested list of 0-255 floats>]}}' -X POST {url}")
+    gray = np.full(_image_shape(loaded), 128, np.uint8)
+    b64 = base64.b64encode(_encode_png(gray)).decode()
+    body = json.dumps({"signature_name": BYTES_SIGNATURE,
+                       "instances": [{BYTES_INPUT: {"b64": b64}}]})
+    own = body.replace(b64, "'\"$(base64 -w0 image.jpg)\"'")
+    return (f"REST request (a gray test image):\n  curl -d '{body}' -X POST {url}"
+            f"\nwith your own image:\n  curl -d '{own}' -X POST {url}")
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m tftransfer.export",
+        description="Tools for SavedModels written by export_for_serving.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser(
+        "verify", help="load an export, run its signatures, check its files")
+    verify.add_argument("dir", help="version directory, or base directory "
+                        "(its highest version is checked)")
+    verify.add_argument("--compare", metavar="MODEL.keras",
+                        help="Keras model that serving_default must match")
+    verify.add_argument("--model-name", help="model name in the curl command")
+    return parser
+
+
+def main(argv=None):
+    """Command line entry point; returns 0 (good), 1 (problems), 2 (usage)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        for path in (args.dir, args.compare):
+            if path is not None and not os.path.exists(path):
+                parser.error(f"no such file or directory: {path}")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        problems = verify_export(args.dir, compare=args.compare,
+                                 model_name=args.model_name)
+    except VerifyError as err:
+        problems = [str(err)]
+    for problem in problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    if not problems:
+        print("OK: the export is ready for TF Serving")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Two-stage fine-tuning, the recipe experts run by hand.
+
+Stage 1 trains the head on a frozen backbone (on cached backbone features when
+nothing random happens before the head); stage 2 unfreezes part of the backbone
+and continues, from the stage-1 epoch count, at a lower learning rate,
+optionally with layer-wise (discriminative) rates. Safety nets are on by
+default: EarlyStopping with best weights restored, TerminateOnNaN, and with an
+`output_dir` also BackupAndRestore (a killed run resumes where it was),
+TensorBoard and CSV logs, `curves.png` and `confusion_matrix.png`.
+
+Example:
+
+>>> model = build_finetuner("saved_models/digits_cnn.keras", num_classes=5)
+>>> history = fine_tune(model, (x, y), (x_val, y_val), head_epochs=5,
+...                     fine_tune_epochs=5, unfreeze="top:1", output_dir="runs/a")
+"""
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+from tftransfer import freezing, optim, reports
+
+_STATE = "fine_tune_state.json"
+_STAGE1_WEIGHTS = "stage1.weights.h5"
+
+
+def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
+              unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
+              layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
+              batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
+              callbacks=None, output_dir=None, overwrite=False, verbose="auto"):
+    """Trains the head on a frozen backbone, then fine-tunes the backbone.
+
+    Args:
+        model: A compiled model from `build_finetuner` (layers `"backbone"`
+            and `"predictions"`).
+        train: A batched `tf.data.Dataset` of `(images, labels)`, a tuple
+            `(x, y)` of arrays, or a `tftransfer.data.ImageData` (its
+            validation split and class weights are used when not given).
+        validation: Like `train`, or None.
+        head_epochs: Integer, epochs of stage 1. Defaults to `5`.
+        fine_tune_epochs: Integer, epochs of stage 2 (0 skips it).
+        unfreeze: Freezing policy of stage 2 (`"all"`, `"top:N"`,
+            `"fraction:F"`, regexes, callable). Defaults to `"all"`.
+        fine_tune_learning_rate: Float or schedule for stage 2; defaults to
+            the stage-1 rate times `lr_factor`.
+        lr_factor: Float in (0, 1]. Defaults to `0.1`.
+        layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
+            backbone layer counted from the top learns at
+            `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
+        freeze_batchnorm: Keep BatchNormalization in inference mode in
+            stage 2. Defaults to `True`.
+        class_weight: Optional dict `{class: weight}`.
+        batch_size: Batch size for array inputs. Defaults to `32`.
+        shuffle: Shuffle array inputs and cached features each epoch.
+        cache_features: `"auto"` (cache when the data is not augmented),
+            `True`, `False`, or `"disk"` (a tf.data cache file under
+            `output_dir`, for sets too large for memory).
+        early_stopping: Integer patience of EarlyStopping (best weights
+            restored), or None to turn it off. Defaults to `3`.
+        callbacks: Optional list of more Keras callbacks (both stages).
+        output_dir: Optional directory for backups, logs and plots.
+        overwrite: Boolean, allow reusing an `output_dir` holding a finished
+            run. Defaults to `False`.
+        verbose: Passed to `fit`.
+
+    Returns:
+        A `keras.callbacks.History` covering both stages; its `stages`
+        attribute maps `"head"` and `"fine_tune"` to `(first, end)` epochs.
+    """
+    _check_epochs(head_epochs, fine_tune_epochs, lr_factor, layerwise_lr_decay)
+    data = _Data.of(train, validation, class_weight, batch_size, shuffle)
+    state = _State(output_dir, overwrite)
+    backbone = _backbone(model)
+    base_lr = _base_learning_rate(model.optimizer)
+    common = dict(callbacks=callbacks, early_stopping=early_stopping, verbose=verbose)
+    if state.stage1_done:
+        model.load_weights(state.path(_STAGE1_WEIGHTS))
+        first = state.stage1_history
+    else:
+        first = _stage1(model, backbone, data, head_epochs, base_lr, cache_features, state, common)
+        state.finish_stage1(model, first)
+    second = {}
+    if fine_tune_epochs:
+        lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
+        freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
+        _recompile(model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
+        start = len(next(iter(first.values()), []))
+        second = _fit(model, data.train, data.validation, data.class_weight, start,
+                      start + fine_tune_epochs, state, "stage2", common).history
+    history = _merge(model, first, second)
+    state.finish(history)
+    if output_dir:
+        reports.write_training_plots(model, history, data.validation, output_dir,
+                                     data.class_names)
+    return history
+
+
+def _check_epochs(head_epochs, fine_tune_epochs, lr_factor, decay):
+    for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an integer >= 0. Received: {name}={value!r}")
+    if not 0 < lr_factor <= 1:
+        raise ValueError(f"`lr_factor` must be in (0, 1]. Received: lr_factor={lr_factor!r}")
+    if decay is not None and not 0 < decay <= 1:
+        raise ValueError(
+            f"`layerwise_lr_decay` must be None or in (0, 1]. Received: layerwise_lr_decay={decay!r}"
+        )
+
+
+class _Data:
+    """The train / validation datasets, whatever form they came in."""
+
+    def __init__(self, train, validation, class_weight, augmented, class_names=None):
+        self.train, self.validation = train, validation
+        self.class_weight, self.augmented = class_weight, augmented
+        self.class_names = class_names
+
+    @classmethod
+    def of(cls, train, validation, class_weight, batch_size, shuffle):
+        augmented, names = False, None
+        if hasattr(train, "train") and hasattr(train, "class_names"):  # ImageData
+            validation = train.validation if validation is None else validation
+            class_weight = train.class_weight if class_weight is None else class_weight
+            augmented, names = bool(getattr(train, "augmented", False)), train.class_names
+            train = train.train
+        return cls(_dataset(train, batch_size, shuffle, "train"),
+                   _dataset(validation, batch_size, False, "validation"), class_weight,
+                   augmented, names)
+
+
+def _dataset(data, batch_size, shuffle, name):
+    if data is None or isinstance(data, tf.data.Dataset):
+        return data
+    if hasattr(data, "train") and hasattr(data, "class_names"):
+        return data.train
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        ds = tf.data.Dataset.from_tensor_slices(tuple(data))
+        if shuffle:
+            ds = ds.shuffle(len(data[1]), seed=0, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    raise ValueError(
+        f"`{name}` must be a batched tf.data.Dataset, a tuple (x, y) or an ImageData. "
+        f"Received: {name} of type {type(data).__name__}"
+    )
+
+
+def _backbone(model):
+    try:
+        return model.get_layer("backbone")
+    except ValueError:
+        raise ValueError(
+            "`model` must come from `build_finetuner` (it has no layer named "
+            f"'backbone'). Received: model={model.name!r}"
+        ) from None
+
+
+def _base_learning_rate(optimizer):
+    lr = optimizer._learning_rate if hasattr(optimizer, "_learning_rate") else optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        for attr in ("warmup_target", "initial_learning_rate"):
+            if getattr(lr, attr, None):
+                return float(getattr(lr, attr))
+        return float(lr(0))
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+def _recompile(model, optimizer):
+    """Compiles again with a new optimizer, the same loss and fresh metrics."""
+    metrics = keras.saving.deserialize_keras_object(model.get_compile_config().get("metrics"))
+    model.compile(optimizer=optimizer, loss=model.loss, metrics=metrics)
+
+
+def _fresh_optimizer(model, learning_rate):
+    """A new optimizer of the model's kind and settings at `learning_rate`."""
+    current = model.optimizer
+    if isinstance(current, keras.optimizers.MultiOptimizer):
+        current = current.optimizers[0]
+    config = {**current.get_config(), "learning_rate": optim.get_schedule(learning_rate)}
+    optimizer = type(current).from_config(config)
+    if config.get("weight_decay"):
+        optimizer.exclude_from_weight_decay(var_names=optim.NO_DECAY)
+    return optimizer
+
+
+def _stage1(model, backbone, data, epochs, base_lr, cache_features, state, common):
+    freezing.apply(backbone, "none")
+    _recompile(model, _fresh_optimizer(model, base_lr))
+    if _use_cache(cache_features, data):
+        head = _head_model(model, backbone)
+        _recompile_like(head, model)
+        extract = _extractor(model, backbone)
+        on_disk = cache_features == "disk" and state.directory
+        train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "")
+        val = _cached(data.validation, extract, state.path("feature_cache", "val") if on_disk else "")
+        return _fit(head, train, val, data.class_weight, 0, epochs, state, "stage1", common).history
+    return _fit(model, data.train, data.validation, data.class_weight, 0, epochs, state,
+                "stage1", common).history
+
+
+def _use_cache(cache_features, data):
+    if cache_features not in ("auto", True, False, "disk"):
+        raise ValueError(
+            '`cache_features` must be "auto", True, False or "disk". '
+            f"Received: cache_features={cache_features!r}"
+        )
+    return bool(cache_features) and not data.augmented
+
+
+def _head_model(model, backbone):
+    """The layers after the backbone, as a model on features."""
+    layers = model.layers[model.layers.index(backbone) + 1:]
+    inputs = keras.Input(backbone.output.shape[1:], name="features")
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
+
+
+def _recompile_like(head, model):
+    head.compile(optimizer=_fresh_optimizer(model, _base_learning_rate(model.optimizer)),
+                 loss=model.loss,
+                 metrics=keras.saving.deserialize_keras_object(
+                     model.get_compile_config().get("metrics")))
+
+
+def _extractor(model, backbone):
+    preprocessing = model.get_layer("preprocessing")
+
+    @tf.function
+    def extract(images):
+        return backbone(preprocessing(images), training=False)
+
+    return extract
+
+
+def _cached(dataset, extract, filename):
+    if dataset is None:
+        return None
+    if filename:
+        os.makedirs(os.path.dirname(filename), exist_ok=True)
+    return dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename).prefetch(2)
+
+
+def _stage2_optimizer(model, backbone, learning_rate, decay):
+    if decay is None or decay == 1:
+        return _fresh_optimizer(model, learning_rate)
+    rates = layerwise_rates(backbone, learning_rate, decay)
+    groups = {rate: _fresh_optimizer(model, rate) for rate in {learning_rate, *rates.values()}}
+    head = groups[learning_rate]
+    # Called while the train step is traced: only look-ups here.
+    return keras.optimizers.MultiOptimizer(
+        lambda variable: groups[rates[variable.path]] if variable.path in rates else head)
+
+
+def layerwise_rates(backbone, learning_rate, decay):
+    """Maps variable paths of trainable backbone layers to their rates.
+
+    The top trainable layer gets `learning_rate * decay`, the next
+    `learning_rate * decay**2`, and so on down to the input.
+    """
+    layers = [layer for layer in freezing.leaf_layers(backbone) if layer.trainable_weights]
+    rates = {}
+    for depth, layer in enumerate(reversed(layers), start=1):
+        for variable in layer.trainable_weights:
+            rates[variable.path] = learning_rate * decay**depth
+    return rates
+
+
+def _fit(model, train, validation, class_weight, initial_epoch, epochs, state, stage, common):
+    callbacks = _callbacks(state, stage, validation is not None, **common)
+    return model.fit(train, validation_data=validation, epochs=epochs,
+                     initial_epoch=initial_epoch, class_weight=class_weight,
+                     callbacks=callbacks, verbose=common["verbose"])
+
+
+def _callbacks(state, stage, has_validation, callbacks, early_stopping, verbose):
+    monitor = "val_loss" if has_validation else "loss"
+    result = [keras.callbacks.TerminateOnNaN()]
+    if early_stopping:
+        result.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=early_stopping,
+                                                    restore_best_weights=True))
+    if state.directory:
+        result += [
+            keras.callbacks.BackupAndRestore(state.path("backup", stage)),
+            keras.callbacks.CSVLogger(state.path("history.csv"), append=True),
+            keras.callbacks.TensorBoard(state.path("logs"), write_graph=False),
+        ]
+    return result + list(callbacks or [])
+
+
+def _merge(model, first, second):
+    history = keras.callbacks.History()
+    history.set_model(model)
+    keys = list(dict.fromkeys(list(first) + list(second)))
+    history.history = {k: list(first.get(k, [])) + list(second.get(k, [])) for k in keys}
+    n1 = len(next(iter(first.values()), []))
+    n2 = len(next(iter(second.values()), []))
+    history.epoch = list(range(n1 + n2))
+    history.stages = {"head": (0, n1), "fine_tune": (n1, n1 + n2)}
+    return history
+
+
+class _State:
+    """What a run in `output_dir` has finished, so a restart resumes it."""
+
+    def __init__(self, directory, overwrite):
+        self.directory = os.fspath(directory) if directory else None
+        self.data = {}
+        if not self.directory:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        if os.path.exists(self.path(_STATE)):
+            with open(self.path(_STATE)) as f:
+                self.data = json.load(f)
+        if self.data.get("done"):
+            if not overwrite:
+                raise FileExistsError(
+                    f"`output_dir` {self.directory!r} holds a finished fine_tune run; pass "
+                    "overwrite=True to replace it, or choose another output_dir."
+                )
+            self._clear()
+
+    def _clear(self):
+        for name in (_STATE, _STAGE1_WEIGHTS, "history.csv", "backup", "feature_cache", "logs"):
+            path = self.path(name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        self.data = {}
+
+    def path(self, *parts):
+        return os.path.join(self.directory, *parts) if self.directory else None
+
+    @property
+    def stage1_done(self):
+        return "stage1_history" in self.data
+
+    @property
+    def stage1_history(self):
+        return self.data["stage1_history"]
+
+    def finish_stage1(self, model, history):
+        if self.directory:
+            model.save_weights(self.path(_STAGE1_WEIGHTS))
+            self._write(stage1_history=_plain(history))
+
+    def finish(self, history):
+        if self.directory:
+            self._write(done=True, history=_plain(history.history), stages=history.stages)
+
+    def _write(self, **values):
+        self.data.update(values)
+        tmp = self.path(_STATE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path(_STATE))
+
+
+def _plain(history):
+    return {k: [float(v) for v in values] for k, values in history.items()}
