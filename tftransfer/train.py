@@ -15,6 +15,7 @@ Example:
 ...                     fine_tune_epochs=5, unfreeze="top:1", output_dir="runs/a")
 """
 
+import csv
 import json
 import os
 import shutil
@@ -92,6 +93,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         start = len(next(iter(first.values()), []))
         second = _fit(model, data.train, data.validation, data.class_weight, start,
                       start + fine_tune_epochs, state, "stage2", common).history
+    if state.directory:  # The log holds epochs run before an interruption too.
+        second = _stage2_rows(state.path("history.csv"), len(next(iter(first.values()), [])))
     history = _merge(model, first, second)
     state.finish(history)
     if output_dir:
@@ -115,8 +118,9 @@ def _check_epochs(head_epochs, fine_tune_epochs, lr_factor, decay):
 class _Data:
     """The train / validation datasets, whatever form they came in."""
 
-    def __init__(self, train, validation, class_weight, augmented, class_names=None):
-        self.train, self.validation = train, validation
+    def __init__(self, train, validation, class_weight, augmented, class_names=None,
+                 shuffle=True):
+        self.train, self.validation, self.shuffle = train, validation, shuffle
         self.class_weight, self.augmented = class_weight, augmented
         self.class_names = class_names
 
@@ -130,7 +134,7 @@ class _Data:
             train = train.train
         return cls(_dataset(train, batch_size, shuffle, "train"),
                    _dataset(validation, batch_size, False, "validation"), class_weight,
-                   augmented, names)
+                   augmented, names, shuffle)
 
 
 def _dataset(data, batch_size, shuffle, name):
@@ -195,7 +199,8 @@ def _stage1(model, backbone, data, epochs, base_lr, cache_features, state, commo
         _recompile_like(head, model)
         extract = _extractor(model, backbone)
         on_disk = cache_features == "disk" and state.directory
-        train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "")
+        train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
+                        data.shuffle)
         val = _cached(data.validation, extract, state.path("feature_cache", "val") if on_disk else "")
         return _fit(head, train, val, data.class_weight, 0, epochs, state, "stage1", common).history
     return _fit(model, data.train, data.validation, data.class_weight, 0, epochs, state,
@@ -238,12 +243,16 @@ def _extractor(model, backbone):
     return extract
 
 
-def _cached(dataset, extract, filename):
+def _cached(dataset, extract, filename, shuffle=False):
+    """Backbone features computed in the first epoch, then read from the cache."""
     if dataset is None:
         return None
     if filename:
         os.makedirs(os.path.dirname(filename), exist_ok=True)
-    return dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename).prefetch(2)
+    cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
+    if shuffle:  # Batch order changes each epoch, as it would uncached.
+        cached = cached.shuffle(256, reshuffle_each_iteration=True)
+    return cached.prefetch(2)
 
 
 def _stage2_optimizer(model, backbone, learning_rate, decay):
@@ -273,7 +282,7 @@ def layerwise_rates(backbone, learning_rate, decay):
 
 def _fit(model, train, validation, class_weight, initial_epoch, epochs, state, stage, common):
     callbacks = _callbacks(state, stage, validation is not None, **common)
-    return model.fit(train, validation_data=validation, epochs=epochs,
+    return model.fit(train, validation_data=validation, epochs=epochs, shuffle=False,
                      initial_epoch=initial_epoch, class_weight=class_weight,
                      callbacks=callbacks, verbose=common["verbose"])
 
@@ -291,6 +300,18 @@ def _callbacks(state, stage, has_validation, callbacks, early_stopping, verbose)
             keras.callbacks.TensorBoard(state.path("logs"), write_graph=False),
         ]
     return result + list(callbacks or [])
+
+
+def _stage2_rows(path, start):
+    """Reads the stage-2 epochs (the last row of each epoch) from the CSV log."""
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                rows[int(row.pop("epoch"))] = row
+    epochs = sorted(e for e in rows if e >= start)
+    keys = list(rows[epochs[0]]) if epochs else []
+    return {k: [float(rows[e][k]) for e in epochs] for k in keys}
 
 
 def _merge(model, first, second):
