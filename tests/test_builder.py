@@ -211,8 +211,8 @@ def test_application_backbone_and_local_weights_file(tmp_path):
                                                input_shape=(32, 32, 3))
     path = tmp_path / "mnv2.weights.h5"
     reference.save_weights(path)
-    model = build_finetuner("mobilenet_v2", num_classes=3, weights=str(path),
-                            input_shape=(32, 32, 3))
+    backbone = load_backbone("mobilenet_v2", weights=str(path), input_shape=(32, 32, 3))
+    model = build_finetuner(backbone, num_classes=3)  # keeps the recorded preprocessing
     assert model.tftransfer_info["preprocessing"] == "tf"
     assert model.get_layer("preprocessing").mode == "tf"
     for a, b in zip(reference.weights, model.get_layer("backbone").weights):

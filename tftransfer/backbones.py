@@ -95,14 +95,15 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
         model = _cut(model, output_layer)
     if name:
         model.name = name
-    model.tftransfer_source = source if isinstance(source, str) else type(source).__name__
+    model.tftransfer_source = getattr(source, "tftransfer_source", None) or (
+        source if isinstance(source, str) else type(source).__name__)
     model.tftransfer_preprocessing = preprocessing
     return model
 
 
 def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
-    if isinstance(source, keras.Model):
-        return source, "none"
+    if isinstance(source, keras.Model):  # Maybe from `load_backbone` already.
+        return source, getattr(source, "tftransfer_preprocessing", "none")
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str):

@@ -133,7 +133,7 @@ def _info(source, base, task, num_classes, settings):
     keep = ("trainable", "dropout", "hidden_units", "regularizer", "optimizer",
             "learning_rate", "label_smoothing", "weight_decay", "freeze_batchnorm")
     return {
-        "backbone": source if isinstance(source, str) else type(source).__name__,
+        "backbone": base.tftransfer_source,
         "preprocessing": base.tftransfer_preprocessing,
         "task": task,
         "num_classes": num_classes,

@@ -21,6 +21,7 @@ import os
 import shutil
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tftransfer import freezing, optim, reports
@@ -244,15 +245,25 @@ def _extractor(model, backbone):
 
 
 def _cached(dataset, extract, filename, shuffle=False):
-    """Backbone features computed in the first epoch, then read from the cache."""
+    """Backbone features computed once: in memory, or in a tf.data cache file."""
     if dataset is None:
         return None
-    if filename:
+    if filename:  # Computed during the first epoch, read from disk after.
         os.makedirs(os.path.dirname(filename), exist_ok=True)
-    cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
-    if shuffle:  # Batch order changes each epoch, as it would uncached.
-        cached = cached.shuffle(256, reshuffle_each_iteration=True)
-    return cached.prefetch(2)
+        cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
+        return (cached.shuffle(256, reshuffle_each_iteration=True) if shuffle else cached).prefetch(2)
+    columns, batch_size = _extract_all(dataset, extract)
+    cached = tf.data.Dataset.from_tensor_slices(tuple(columns))
+    if shuffle:
+        cached = cached.shuffle(len(columns[0]), seed=0, reshuffle_each_iteration=True)
+    return cached.batch(batch_size).prefetch(2)
+
+
+def _extract_all(dataset, extract):
+    """One pass of the backbone over `dataset`: features and the other columns."""
+    batches = [(extract(batch[0]), *batch[1:]) for batch in dataset]
+    columns = [np.concatenate([np.asarray(b[i]) for b in batches]) for i in range(len(batches[0]))]
+    return columns, int(batches[0][0].shape[0])
 
 
 def _stage2_optimizer(model, backbone, learning_rate, decay):
