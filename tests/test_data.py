@@ -1,0 +1,350 @@
+"""Tests for tftransfer.data on real image folders written from sklearn digits."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from tftransfer import data as tfd
+
+CLASSES = ["zero", "one", "two"]  # sorted: one, two, zero
+SORTED = sorted(CLASSES)
+
+
+def _digits(n_per_class, digits=(0, 1, 2)):
+    """16x16 uint8 digit images, ``n_per_class`` of each digit."""
+    d = load_digits()
+    images, labels = [], []
+    for label, digit in enumerate(digits):
+        idx = np.flatnonzero(d.target == digit)[:n_per_class[label]]
+        imgs = (d.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)
+        images.append(imgs.repeat(2, axis=1).repeat(2, axis=2))
+        labels += [label] * len(idx)
+    return np.concatenate(images), np.asarray(labels)
+
+
+def _write_folder(root, n_per_class=(12, 12, 12), formats=("png",)):
+    """Writes digits to ``root/<class>/`` cycling through ``formats``."""
+    x, y = _digits(n_per_class)
+    for i, (img, label) in enumerate(zip(x, y)):
+        folder = root / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        fmt = formats[i % len(formats)]
+        mode_img = Image.fromarray(img) if fmt != "jpg" else Image.fromarray(img).convert("RGB")
+        mode_img.save(folder / f"img_{i:03d}.{fmt}")
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """36 good images (PNG/JPEG/BMP/GIF, mixed case) + 3 broken + 1 ignored."""
+    root = tmp_path_factory.mktemp("digits")
+    _write_folder(root, formats=("png", "jpg", "bmp", "gif", "PNG"))
+    good = (root / "zero" / "img_000.png").read_bytes()
+    (root / "zero" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "one" / "x.png").write_text("this is not an image")
+    (root / "two" / "notes.jpeg").write_bytes(b"\x00\x01garbage")
+    (root / "two" / "readme.txt").write_text("ignored: not an image extension")
+    (root / ".ipynb_checkpoints").mkdir()
+    return root
+
+
+def _epoch(ds):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _load(folder, **kw):
+    kw.setdefault("image_size", (16, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = tfd.from_directory(folder, **kw)
+    return data, [w for w in caught if "could not be decoded" in str(w.message)]
+
+
+def test_directory_skips_broken_files_and_reports_once(folder):
+    data, warned = _load(folder, batch_size=8)
+    assert sorted(os.path.basename(p) for p in data.skipped) == [
+        "notes.jpeg", "truncated.png", "x.png"]
+    assert len(warned) == 1 and "Skipped 3 file(s)" in str(warned[0].message)
+    assert data.class_names == SORTED and data.num_classes == 3
+    x_train, y_train = _epoch(data.train)
+    x_val, y_val = _epoch(data.validation)
+    assert len(y_train) + len(y_val) == 36  # every readable file, nothing else
+    assert set(y_train) == set(y_val) == {0, 1, 2}
+    assert data.counts == {name: int((y_train == i).sum()) for i, name in enumerate(SORTED)}
+    assert x_train.shape[1:] == (16, 16, 3) and x_train.dtype == np.float32
+    assert y_train.dtype == np.int32
+    assert 0.0 <= x_train.min() and x_train.max() <= 255.0 and x_train.max() > 200
+    assert data.augmented is False and data.class_weight is None
+
+
+def test_labels_match_folders_and_pixels_are_raw(tmp_path):
+    x, y = _write_folder(tmp_path, n_per_class=(4, 4, 4))
+    data = tfd.from_directory(tmp_path, image_size=(16, 16), channels=1,
+                              validation_split=0, shuffle=False, cache=False)
+    assert data.validation is None
+    images, labels = _epoch(data.train)
+    # sorted class order: one (digit 1), two (digit 2), zero (digit 0)
+    np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 4))
+    expected = np.concatenate([x[y == 1], x[y == 2], x[y == 0]])[..., None]
+    np.testing.assert_allclose(images, expected.astype(np.float32), atol=1e-3)
+
+
+def test_split_is_deterministic_disjoint_and_seeded(folder):
+    def split(seed):
+        d, _ = _load(folder, seed=seed, shuffle=False, validation_split=0.25)
+        return _epoch(d.train)[0], _epoch(d.validation)[0]
+
+    (tr1, va1), (tr2, va2), (tr3, va3) = split(1), split(1), split(2)
+    np.testing.assert_array_equal(va1, va2)
+    np.testing.assert_array_equal(tr1, tr2)
+    assert len(va1) == 9 and len(tr1) == 27  # round(12 * 0.25) = 3 per class
+    train_set = {a.tobytes() for a in tr1}
+    assert not train_set & {a.tobytes() for a in va1}
+    assert {a.tobytes() for a in va1} != {a.tobytes() for a in va3}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_shuffle_changes_order_between_epochs_not_content(folder, cache):
+    data, _ = _load(folder, batch_size=36, validation_split=0, cache=cache)
+    (x1, y1), (x2, y2) = _epoch(data.train), _epoch(data.train)
+    assert not np.array_equal(x1, x2)
+    assert sorted(a.tobytes() for a in x1) == sorted(a.tobytes() for a in x2)
+
+
+def test_split_rounds_per_class_and_keeps_one_training_example():
+    x, _ = _digits((12, 12, 12))
+    y = np.repeat([0, 1, 2], [1, 4, 7])
+    data = tfd.from_arrays(x[:12], y, image_size=(8, 8), validation_split=0.5)
+    assert data.counts == {"0": 1, "1": 2, "2": 3}  # held out: 0 (kept), 2, 4 (half up)
+    assert len(_epoch(data.validation)[1]) == 6
+    two = tfd.from_arrays(x[:2], [0, 0], image_size=(8, 8), validation_split=0.8)
+    assert two.counts == {"0": 1}
+
+
+def test_augmentation_train_only_and_in_range(folder):
+    plain, _ = _load(folder, shuffle=False)
+    aug, _ = _load(folder, shuffle=False, augment=["flip", "rotation", "contrast"])
+    assert aug.augmented and not plain.augmented
+    x_plain, x_aug = _epoch(plain.train)[0], _epoch(aug.train)[0]
+    assert x_aug.shape == x_plain.shape and x_aug.dtype == np.float32
+    assert not np.allclose(x_aug, x_plain)
+    assert x_aug.min() >= 0.0 and x_aug.max() <= 255.0 and x_aug.max() > 100
+    np.testing.assert_array_equal(_epoch(aug.validation)[0], _epoch(plain.validation)[0])
+
+
+def test_augmentation_accepts_default_and_layers(folder):
+    for augment in (True, "default", [keras.layers.RandomFlip("vertical")]):
+        data, _ = _load(folder, augment=augment)
+        assert data.augmented
+        assert next(iter(data.train))[0].shape[1:] == (16, 16, 3)
+
+
+def test_class_weight_balanced_and_dict(tmp_path):
+    _write_folder(tmp_path, n_per_class=(30, 10, 5))
+    data = tfd.from_directory(tmp_path, image_size=(8, 8), class_weight="balanced",
+                              validation_split=0.2)
+    counts = np.array([data.counts[c] for c in SORTED])  # one, two, zero
+    np.testing.assert_array_equal(counts, [8, 4, 24])  # 10, 5, 30 minus 20%
+    expected = counts.sum() / (3 * counts)
+    assert data.class_weight == pytest.approx(dict(enumerate(expected)))
+    assert data.class_weight[2] < data.class_weight[0] < data.class_weight[1]
+    named = tfd.from_directory(tmp_path, image_size=(8, 8),
+                               class_weight={"one": 1, "two": 2.5, "zero": 0.5})
+    assert named.class_weight == {0: 1.0, 1: 2.5, 2: 0.5}
+
+
+def test_keras_fit_consumes_pipeline(folder):
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(3, "softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    data, _ = _load(folder, model=model, image_size=None, batch_size=8,
+                    class_weight="balanced", augment="default")
+    assert int(data.train.cardinality()) == 4  # 30 train images, known to Keras
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(data.train, validation_data=data.validation, epochs=2,
+                            class_weight=data.class_weight, verbose=0)
+    assert len(history.history["val_loss"]) == 2
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+def test_file_cache_and_model_input_size(folder, tmp_path):
+    inputs = keras.Input((24, 20, 1))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    data, _ = _load(folder, model=model, image_size=None,
+                    cache=str(tmp_path / "cache" / "digits"), shuffle=False)
+    assert (data.image_size, data.channels) == ((24, 20), 1)
+    first, second = _epoch(data.train)[0], _epoch(data.train)[0]
+    assert first.shape[1:] == (24, 20, 1)
+    np.testing.assert_array_equal(first, second)
+    assert any(name.endswith(".index") for name in os.listdir(tmp_path / "cache"))
+
+
+def test_from_arrays_grayscale_to_rgb_and_resize():
+    x, y = _digits((10, 10, 10))
+    data = tfd.from_arrays(x, y, image_size=(32, 32), channels=3, batch_size=7,
+                           class_names=["a", "b", "c"], class_weight="balanced")
+    images, labels = _epoch(data.train)
+    assert images.shape == (24, 32, 32, 3) and images.dtype == np.float32
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    assert len(_epoch(data.validation)[1]) == 6
+    assert data.class_weight == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert data.counts == {"a": 8, "b": 8, "c": 8}
+    floats = tfd.from_arrays(x[..., None].astype("float64"), y, image_size=(16, 16),
+                             validation_split=0, shuffle=False)
+    np.testing.assert_allclose(_epoch(floats.train)[0][..., 0], x, atol=1e-3)
+
+
+def test_from_dataset_counts_and_names():
+    x, y = _digits((6, 3, 3))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)  # batched input
+    data = tfd.from_dataset(ds, image_size=(8, 8), class_weight="balanced",
+                            validation=tf.data.Dataset.from_tensor_slices((x, y)))
+    assert data.class_names == ["0", "1", "2"]
+    assert data.counts == {"0": 6, "1": 3, "2": 3}
+    assert data.class_weight == pytest.approx({0: 12 / 18, 1: 12 / 9, 2: 12 / 9})
+    images, _ = _epoch(data.train)
+    assert images.shape == (12, 8, 8, 3)
+    assert _epoch(data.validation)[0].shape == (12, 8, 8, 3)
+
+
+# ------------------------------------------------------------------ TFDS
+def _tiny_builder_class():
+    import tensorflow_datasets as tfds
+
+    class TftransferTinyDigits(tfds.core.GeneratorBasedBuilder):
+        """Three digit classes, 10 images each, generated offline."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(16, 16, 1)),
+                    "label": tfds.features.ClassLabel(names=["d0", "d1", "d2"])}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            x, y = _digits((10, 10, 10))
+            for i, (img, label) in enumerate(zip(x, y)):
+                yield i, {"image": img[..., None], "label": int(label)}
+
+    return TftransferTinyDigits
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    _tiny_builder_class()(data_dir=str(data_dir)).download_and_prepare()
+    return data_dir
+
+
+def test_from_tfds_prepared_offline(tfds_dir):
+    data = tfd.from_tfds("tftransfer_tiny_digits", data_dir=str(tfds_dir),
+                         image_size=(20, 20), batch_size=4, class_weight="balanced",
+                         split=("train[:80%]", "train[80%:]"))
+    assert data.class_names == ["d0", "d1", "d2"]
+    images, labels = _epoch(data.train)
+    assert images.shape == (24, 20, 20, 3) and labels.dtype == np.int32
+    assert len(_epoch(data.validation)[1]) == 6
+    assert sum(data.counts.values()) == 24 and set(data.class_weight) == {0, 1, 2}
+    single = tfd.from_tfds("tftransfer_tiny_digits", data_dir=str(tfds_dir),
+                           split="train", image_size=(16, 16), channels=1)
+    assert single.validation is None and _epoch(single.train)[0].shape == (30, 16, 16, 1)
+
+
+def test_from_tfds_download_prepares_missing_data(tfds_dir, tmp_path):
+    data = tfd.from_tfds("tftransfer_tiny_digits", data_dir=str(tmp_path), download=True,
+                         image_size=(8, 8), split="train[:50%]")  # generator: no network
+    assert len(_epoch(data.train)[1]) == 15
+
+
+def test_from_tfds_missing_data_says_how_to_prepare(tfds_dir, tmp_path):
+    with pytest.raises(ValueError) as err:
+        tfd.from_tfds("tftransfer_tiny_digits", data_dir=str(tmp_path), image_size=(8, 8))
+    message = str(err.value)
+    assert "not prepared" in message
+    assert f"tfds build tftransfer_tiny_digits --data_dir={tmp_path}" in message
+    assert "download=True" in message
+    assert message.endswith(f"Received: name='tftransfer_tiny_digits', data_dir='{tmp_path}'")
+    with pytest.raises(ValueError, match="not prepared in .* no builder is registered.*"
+                       "tfds build"):
+        tfd.from_tfds("no_such_dataset_xyz", data_dir=str(tmp_path), image_size=(8, 8))
+
+
+# ----------------------------------------------------------- bad input
+def test_directory_errors(tmp_path, folder):
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match=f"Invalid `path`: expected an existing directory "
+                       f"with one subfolder per class. Received: path='{missing}'$"):
+        tfd.from_directory(str(missing), image_size=(8, 8))
+    with pytest.raises(ValueError, match="expected a directory with one subfolder of images "
+                       r"per class .*Received: path="):
+        tfd.from_directory(tmp_path, image_size=(8, 8))  # empty
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bad.png").write_text("nope")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a" / "ok.png")
+    with pytest.raises(ValueError, match=r"none in \['b'\] \(1 undecodable "
+                       r"file\(s\) skipped overall\). Received: path="):
+        with pytest.warns(UserWarning, match="Skipped 1 file"):
+            tfd.from_directory(tmp_path, image_size=(8, 8))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(validation_split=1.0), "Invalid `validation_split`: expected a float in "
+     r"\[0, 1\). Received: validation_split=1.0$"),
+    (dict(validation_split=-0.1), r"Received: validation_split=-0.1$"),
+    (dict(batch_size=0), r"Invalid `batch_size`: expected an int >= 1. Received: batch_size=0$"),
+    (dict(image_size=None), r"Either `model` .* Received: model=None, image_size=None$"),
+    (dict(image_size=(8,)), r"Invalid `image_size`.*Received: image_size=\(8,\)$"),
+    (dict(augment=["flip", "blur"]), r"Invalid `augment`: .*\['contrast', 'flip', "
+     r"'rotation', 'translation', 'zoom'\].*unknown entry 'blur'\. "
+     r"Received: augment=\['flip', 'blur'\]$"),
+    (dict(augment=3), r"Invalid `augment`.*Received: augment=3$"),
+    (dict(interpolation="cubic"), r"Invalid `interpolation`.*'bilinear'.*"
+     r"Received: interpolation='cubic'$"),
+    (dict(cache=3), r"Invalid `cache`.*Received: cache=3$"),
+    (dict(class_weight="auto"), r"Invalid `class_weight`: expected None, 'balanced'.*"
+     r"Received: class_weight='auto'$"),
+    (dict(class_weight={0: 1.0, 1: 1.0}), r"every class.*Received: class_weight=\{0: 1.0, "),
+    (dict(class_weight={"one": 1, "two": 1, "zero": -1}), r"weight >= 0"),
+])
+def test_argument_errors(folder, kwargs, message):
+    kwargs.setdefault("image_size", (8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=message):
+            tfd.from_directory(folder, **kwargs)
+
+
+def test_model_and_array_errors():
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, inputs)
+    with pytest.raises(ValueError, match=r"expected \(16, 16\) \(the model's input size\) "
+                       r"or None. Received: image_size=\(8, 8\)$"):
+        tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, image_size=(8, 8))
+    with pytest.raises(ValueError, match=r"matching the model's input channels \(3\). "
+                       r"Received: channels=1$"):
+        tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, channels=1)
+    with pytest.raises(ValueError, match=r"Invalid `model`.*Received: model="):
+        tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=keras.Sequential())
+    with pytest.raises(ValueError, match=r"Invalid `y`.*Received: y=array\(shape=\(3,\)"):
+        tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1, 1], image_size=(4, 4))
+    with pytest.raises(ValueError, match=r"Invalid `x`.*Received: x=array\(shape=\(2, 4\)"):
+        tfd.from_arrays(np.zeros((2, 4), np.uint8), [0, 1], image_size=(4, 4))
+    with pytest.raises(ValueError, match=r"Invalid `channels`: expected one of \[1, 3\] for "
+                       r"data with 3 channels. Received: channels=4$"):
+        tfd.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], image_size=(4, 4), channels=4)
+    with pytest.warns(UserWarning, match=r"raw \[0, 255\] pixels are expected"):
+        tfd.from_arrays(np.full((2, 4, 4), 0.5), [0, 1], image_size=(4, 4))

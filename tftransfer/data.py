@@ -1,0 +1,497 @@
+"""``tf.data`` image pipelines yielding ``float32 [b, H, W, C]`` raw pixels in
+``[0, 255]``, resized to the model's input, and ``int32 [b]`` labels. The model
+applies ``preprocess_input`` itself (a layer, see ``build_finetuner``).
+
+Example:
+    >>> data = from_directory("flowers/", model=model, augment="default")
+    >>> model.fit(data.train, validation_data=data.validation, class_weight=data.class_weight)
+"""
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import os
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
+                  "lanczos5", "mitchellcubic", "nearest")
+AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
+    "contrast": (keras.layers.RandomContrast, (0.1, (0, 255))),
+    "flip": (keras.layers.RandomFlip, ("horizontal",)),
+    "rotation": (keras.layers.RandomRotation, (0.1,)),
+    "translation": (keras.layers.RandomTranslation, (0.1, 0.1)),
+    "zoom": (keras.layers.RandomZoom, (0.1,)),
+}
+DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
+SHUFFLE_BUFFER = 1024  # bound for shuffle buffers that hold decoded images
+# Validated settings; cache is None (off), "" (memory) or a file prefix.
+_Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
+                               "cache augment interpolation validation_split")
+
+
+@dataclasses.dataclass
+class ImageData:
+    """Datasets plus what a trainer needs to know about them.
+
+    Attributes:
+        train / validation: Batched ``(images, labels)``; validation is ``None``
+            without a split and is never shuffled or augmented.
+        class_names / num_classes: Label ``i`` is ``class_names[i]``.
+        image_size / channels: ``(height, width)`` and channels delivered.
+        class_weight: ``{class_index: weight}`` for ``Model.fit``, or ``None``.
+        skipped: Files that could not be decoded (``from_directory``).
+        counts: ``{class_name: images}`` of the training split, or ``None``.
+        augmented: Whether ``train`` is augmented (a frozen-feature cache is
+            only valid when it is not).
+
+    Example:
+        >>> data.class_names, data.counts, data.augmented
+        (['cat', 'dog'], {'cat': 80, 'dog': 120}, False)
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset | None
+    class_names: list[str]
+    num_classes: int
+    image_size: tuple[int, int]
+    channels: int
+    class_weight: dict[int, float] | None = None
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] | None = None
+    augmented: bool = False
+
+
+def _invalid(arg: str, expected: str, value) -> ValueError:
+    shown = (f"array(shape={value.shape}, dtype={value.dtype})"
+             if isinstance(value, np.ndarray) else repr(value))
+    return ValueError(f"Invalid `{arg}`: expected {expected}. Received: {arg}={shown}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _resolve_shape(model, image_size, channels) -> tuple[tuple[int, int], int]:
+    """Returns ``((H, W), C)`` from ``model`` and/or the explicit values."""
+    if model is None and image_size is None:
+        raise ValueError("Either `model` (its input shape gives the size) or `image_size="
+                         "(height, width)` must be given. Received: model=None, image_size=None")
+    shape = (None,) * 4 if model is None else getattr(model, "input_shape", None)
+    if not (isinstance(shape, tuple) and len(shape) == 4):
+        raise _invalid("model", "a keras.Model with one image input of shape "
+                       "[None, H, W, C]", getattr(model, "name", model))
+    size = shape[1:3] if image_size is None else image_size
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(_is_int(s) and s > 0 for s in size)):
+        raise _invalid("image_size", f"(height, width), 2 positive ints (model input "
+                       f"shape: {shape})", image_size)
+    if None not in shape[1:3] and tuple(size) != shape[1:3]:
+        raise _invalid("image_size", f"{shape[1:3]} (the model's input size) or None",
+                       image_size)
+    want = channels if channels is not None else (shape[3] or 3)
+    if not _is_int(want) or want < 1 or shape[3] not in (None, want):
+        raise _invalid("channels", f"a positive int, matching the model's input "
+                       f"channels ({shape[3]})" if shape[3] else "a positive int", channels)
+    return tuple(int(s) for s in size), int(want)
+
+
+def _augment_layers(augment, seed: int) -> tuple:
+    """Turns the ``augment`` argument into a tuple of keras layers."""
+    if augment is None or augment is False:
+        return ()
+    items = DEFAULT_AUGMENTATION if augment is True or augment == "default" else augment
+    items = [items] if isinstance(items, str) else items
+    expected = f"None, True, 'default', or a list of {sorted(AUGMENTATIONS)} and/or keras layers"
+    if not isinstance(items, (list, tuple)):
+        raise _invalid("augment", expected, augment)
+    for item in items:
+        if not isinstance(item, keras.layers.Layer) and item not in list(AUGMENTATIONS):
+            raise _invalid("augment", f"{expected}; unknown entry {item!r}", augment)
+    return tuple(item if isinstance(item, keras.layers.Layer) else AUGMENTATIONS[item][0](
+        *AUGMENTATIONS[item][1], seed=seed + i, dtype="float32") for i, item in enumerate(items))
+
+
+def _make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
+               augment, interpolation, validation_split=0.0, **_) -> _Spec:
+    """Validates the arguments every loader shares (called with ``locals()``)."""
+    size, channels = _resolve_shape(model, image_size, channels)
+    if not _is_int(batch_size) or batch_size < 1:
+        raise _invalid("batch_size", "an int >= 1", batch_size)
+    if not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
+        raise _invalid("validation_split", "a float in [0, 1)", validation_split)
+    if interpolation not in INTERPOLATIONS:
+        raise _invalid("interpolation", f"one of {INTERPOLATIONS}", interpolation)
+    if cache is not None and not isinstance(cache, (bool, str)):
+        raise _invalid("cache", "True (memory), False, or a file path prefix", cache)
+    if not _is_int(seed):
+        raise _invalid("seed", "an int", seed)
+    cache = "" if cache is True else (cache or None)
+    if cache:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    return _Spec(size, channels, int(batch_size), int(seed), bool(shuffle), cache,
+                 _augment_layers(augment, int(seed)), interpolation, float(validation_split))
+
+
+def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
+    """Resolves ``None`` | ``"balanced"`` | dict into ``{index: weight}``."""
+    k = len(class_names)
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, str) and class_weight == "balanced":
+        return {c: float(counts.sum() / (k * m)) if m else 0.0 for c, m in enumerate(counts)}
+    index = {name: i for i, name in enumerate(class_names)}
+    try:
+        out = {index.get(c, c): float(w) for c, w in class_weight.items()}
+    except (AttributeError, TypeError, ValueError):
+        out = {}
+    if sorted(out, key=str) != sorted(range(k), key=str) or not all(map(_is_int, out)) \
+            or not all(0 <= w < float("inf") for w in out.values()):
+        raise _invalid("class_weight", f"None, 'balanced', or a dict with a weight >= 0 "
+                       f"for every class (keys 0..{k - 1} or {class_names})", class_weight)
+    return {int(c): out[c] for c in range(k)}
+
+
+def _fit_image(image: tf.Tensor, have: int, spec: _Spec) -> tf.Tensor:
+    """``[h, w, have]`` -> float32 ``[H, W, C]`` in [0, 255] (gray <-> RGB(A), RGBA -> RGB)."""
+    image, want = tf.cast(image, tf.float32), spec.channels
+    image = image[..., None] if image.shape.rank == 2 else image
+    if have == 1 and want != 1:
+        image = tf.tile(image, [1, 1, want])
+    elif want == 1 and have in (3, 4):
+        image = tf.reduce_sum(image[..., :3] * [0.299, 0.587, 0.114], -1, keepdims=True)
+    elif (have, want) == (4, 3):
+        image = image[..., :3]
+    elif have != want:
+        ok = sorted({1, 3 if have == 4 else have, have}) if have in (3, 4) else [have]
+        raise _invalid("channels", f"one of {ok} for data with {have} channels", want)
+    image = tf.image.resize(image, spec.image_size, method=spec.interpolation)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+    """File -> uint8 ``[h, w, 3]`` (3 is the only ``channels`` all TF decoders accept)."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def _augment_batch(images, labels, layers):
+    for layer in layers:
+        images = layer(images, training=True)
+    return tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0), labels
+
+
+def _pipeline(elements, load, spec, *, train, size, cache_tag):
+    """shuffle -> load -> [cache -> shuffle] -> batch -> [augment] -> prefetch;
+    a cache freezes the order, so a second (bounded) shuffle follows it."""
+    shuffle = train and spec.shuffle
+    if shuffle:
+        elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
+    ds = elements.map(load, num_parallel_calls=AUTOTUNE)  # keeps the cardinality known
+    if spec.cache is not None:  # the tag keeps stale cache files from reuse
+        ds = ds.cache(spec.cache and f"{spec.cache}-{cache_tag}")
+        if shuffle:
+            ds = ds.shuffle(min(size, SHUFFLE_BUFFER), seed=spec.seed + 1)
+    ds = ds.batch(spec.batch_size)
+    if train and spec.augment:
+        ds = ds.map(lambda x, y: _augment_batch(x, y, spec.augment),
+                    num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def _fingerprint(spec: _Spec, *parts) -> str:
+    """Hash of ``parts`` and of the settings that change cached images."""
+    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:]).encode())  # not augment
+    for part in parts:
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    return digest.hexdigest()[:12]
+
+
+def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key,
+           skipped=None) -> ImageData:
+    """ImageData from unbatched train/validation element datasets and ``load``."""
+    def make(ds, size, tag):
+        return _pipeline(ds, load, spec, train=tag == "train", size=size,
+                         cache_tag=f"{key}-{tag}")
+
+    return ImageData(
+        train=make(train, sizes[0], "train"), class_names=names, num_classes=len(names),
+        validation=None if val is None else make(val, sizes[1], "validation"),
+        image_size=spec.image_size, channels=spec.channels,
+        class_weight=_class_weight(class_weight, names, counts),
+        skipped=list(skipped or []), augmented=bool(spec.augment),
+        counts=None if counts is None else dict(zip(names, map(int, counts))))
+
+
+def _indexed(spec, load, labels, names, class_weight, key, skipped=None) -> ImageData:
+    """ImageData of ``load(i)`` examples, stratified split (>= 1 train per class)."""
+    rng, train, val = np.random.default_rng(spec.seed), [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = min(int(len(idx) * spec.validation_split + 0.5), len(idx) - 1)
+        val, train = val + list(idx[:k]), train + list(idx[k:])
+    train, val = np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(val, np.int64))
+    counts = np.bincount(labels[train], minlength=len(names))
+    slices = tf.data.Dataset.from_tensor_slices
+    return _build(spec, load, slices(train), slices(val) if spec.validation_split else None,
+                  (max(len(train), 1), max(len(val), 1)), names=names, counts=counts,
+                  class_weight=class_weight, key=key, skipped=skipped)
+
+
+def _list_images(root) -> tuple[list[str], list[str], np.ndarray]:
+    """Returns ``(class_names, paths, labels)``; hidden folders are ignored."""
+    if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
+        raise _invalid("path", "an existing directory with one subfolder per class", root)
+    classes = sorted(e.name for e in os.scandir(root)
+                     if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise _invalid("path", "a directory with one subfolder of images per class "
+                       "(e.g. path/cat/1.jpg, path/dog/2.png)", root)
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, subdirs, files in os.walk(os.path.join(root, name)):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            found = [os.path.join(folder, f) for f in sorted(files)
+                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+            paths, labels = paths + found, labels + [label] * len(found)
+    return classes, paths, np.asarray(labels, np.int32)
+
+
+def _readable(paths, labels, class_names, root):
+    """Keeps files the training decoder reads (one parallel pass); warns once."""
+    ok, names = np.zeros(len(paths), bool), tf.constant(paths, tf.string)
+    ds = tf.data.Dataset.range(len(paths)).map(
+        lambda i: (i, tf.shape(_decode_file(names[i]))),
+        num_parallel_calls=AUTOTUNE, deterministic=False)
+    for index, _ in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        ok[index] = True
+    bad = [p for p, good in zip(paths, ok) if not good]
+    if bad:
+        warnings.warn(f"Skipped {len(bad)} file(s) that could not be decoded as images: "
+                      f"{', '.join(bad[:5])}{', ...' * (len(bad) > 5)}. See "
+                      "ImageData.skipped for the full list.", stacklevel=3)
+    empty = [c for c, n in zip(class_names, np.bincount(labels[ok], minlength=len(class_names)))
+             if n == 0]
+    if empty:
+        raise _invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
+                       f"per class subfolder; none in {empty} ({len(bad)} undecodable "
+                       "file(s) skipped overall)", root)
+    return [p for p, good in zip(paths, ok) if good], labels[ok], bad
+
+
+def from_directory(path, *, model=None, image_size=None, channels=None,
+                   batch_size=32, validation_split=0.2, seed=1337, shuffle=True,
+                   cache=True, augment=None, class_weight=None,
+                   interpolation="bilinear") -> ImageData:
+    """Loads ``path/<class_name>/**/<image>`` (one subfolder per class).
+
+    Files with an image extension (jpg, jpeg, png, bmp, gif; any case) are
+    decoded once up front, in parallel, with the training decoder; failures
+    (truncated, not an image) are left out, listed in ``skipped`` and reported
+    in one warning. Other files and hidden folders are ignored.
+
+    Args:
+        path: Root directory; class names are its sorted subfolder names.
+        model: Keras model whose ``input_shape`` gives size and channels.
+        image_size: ``(height, width)``; needed when ``model`` is not given.
+        channels: Output channels (default: the model's, else 3).
+        batch_size: Images per batch.
+        validation_split: Fraction in ``[0, 1)`` held out of every class
+            (stratified, seeded); 0 gives ``validation=None``.
+        seed: Seed of the split, shuffling and augmentation.
+        shuffle: Reshuffle the train split every epoch.
+        cache: ``True`` caches resized images in memory, a string to files
+            with that prefix, ``False`` decodes every epoch.
+        augment: ``None``, ``True``/``"default"``, or a list of names from
+            ``AUGMENTATIONS`` and/or keras layers; train split only.
+        class_weight: ``None``, ``"balanced"`` (``n / (k * count_c)`` over
+            the training split) or ``{class_index_or_name: weight}``.
+        interpolation: ``tf.image.resize`` method.
+
+    Raises:
+        ValueError: No directory, no class folder, a class without a readable
+            image, or any invalid argument.
+
+    Example:
+        >>> data = from_directory("pets/", image_size=(224, 224),
+        ...                       augment=["flip", "zoom"], class_weight="balanced")
+        >>> images, labels = next(iter(data.train))  # float32 0-255, int32
+    """
+    spec = _make_spec(**locals())
+    class_names, paths, labels = _list_images(path)
+    paths, labels, skipped = _readable(paths, labels, class_names, path)
+    key = spec.cache and _fingerprint(spec, paths, [os.stat(p).st_mtime_ns for p in paths])
+    files, targets = tf.constant(paths, tf.string), tf.constant(labels)
+    load = lambda i: (_fit_image(_decode_file(files[i]), 3, spec), targets[i])  # noqa: E731
+    return _indexed(spec, load, labels, class_names, class_weight, key, skipped)
+
+
+def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y)
+    x = x[..., None] if x.ndim == 3 else x
+    if x.ndim != 4 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise _invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 \
+            or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise _invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
+    if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
+        warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
+                      "expected (models preprocess themselves).", stacklevel=3)
+    return x, y.astype(np.int32)
+
+
+def _names_for(class_names, num_labels: int) -> list[str]:
+    if class_names is None:
+        return [str(i) for i in range(num_labels)]
+    if isinstance(class_names, str) or len(class_names) < num_labels:
+        raise _invalid("class_names", f"a list of at least {num_labels} names "
+                       "(one per label)", class_names)
+    return [str(c) for c in class_names]
+
+
+def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
+                channels=None, batch_size=32, validation_split=0.2, seed=1337,
+                shuffle=True, cache=True, augment=None, class_weight=None,
+                interpolation="bilinear") -> ImageData:
+    """Builds pipelines from in-memory images ``x`` and integer labels ``y``.
+
+    Args:
+        x: ``[n, H, W]`` or ``[n, H, W, C]`` uint8 or float raw pixels (0-255);
+            channels are converted to the model's (gray <-> RGB, RGBA -> RGB).
+        y: ``[n]`` integer class indices.
+        class_names: Optional names; default ``"0"`` .. ``str(max(y))``.
+        **others: As in :func:`from_directory`.
+
+    Example:
+        >>> (x, y), _ = keras.datasets.mnist.load_data()
+        >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
+    """
+    spec = _make_spec(**locals())
+    x, y = _check_arrays(x, y)
+    class_names = _names_for(class_names, int(y.max()) + 1)
+    key = spec.cache and _fingerprint(spec, x, y)
+    images, labels, have = tf.constant(x), tf.constant(y), x.shape[-1]
+    load = lambda i: (_fit_image(images[i], have, spec), labels[i])  # noqa: E731
+    return _indexed(spec, load, y, class_names, class_weight, key)
+
+
+def _count_labels(labels: tf.data.Dataset, minlength: int = 0) -> np.ndarray:
+    """Per-class counts of a dataset of scalar integer labels (one pass)."""
+    batches = list(labels.batch(4096).as_numpy_iterator()) or [np.zeros(0, np.int64)]
+    return np.bincount(np.concatenate(batches), minlength=minlength)
+
+
+def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
+    spec = getattr(ds, "element_spec", None)
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[1].shape.rank == 1:
+        ds, spec = ds.unbatch(), ds.unbatch().element_spec  # labels [b]: batched
+    image = spec[0].shape if isinstance(spec, tuple) and len(spec) == 2 else None
+    if image is None or image.rank not in (2, 3) or image[-1] is None and image.rank == 3 \
+            or spec[1].shape.rank != 0 or not spec[1].dtype.is_integer:
+        raise _invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
+                       "known C, integer label []) pairs, or batches of them", ds)
+    return ds
+
+
+def _stream(spec, train, val, names, counts, class_weight, key) -> ImageData:
+    """ImageData for streamed ``(image, label)`` datasets (tf.data, TFDS)."""
+    shape = train.element_spec[0].shape
+    have = 1 if shape.rank == 2 else shape[-1]
+    load = lambda x, y: (_fit_image(x, have, spec), tf.cast(y, tf.int32))  # noqa: E731
+    return _build(spec, load, train, val, (SHUFFLE_BUFFER,) * 2, names=names,
+                  counts=counts, class_weight=class_weight, key=_fingerprint(spec, key))
+
+
+def from_dataset(ds, *, validation=None, class_names=None, model=None,
+                 image_size=None, channels=None, batch_size=32, seed=1337,
+                 shuffle=True, cache=True, augment=None, class_weight=None,
+                 interpolation="bilinear") -> ImageData:
+    """Resizes, batches and augments an existing ``(image, label)`` dataset.
+
+    Args:
+        ds: ``(image, label)`` dataset, maybe batched: uint8/float 0-255 images.
+        validation: Optional validation dataset of the same form.
+        class_names: Label names; if ``None`` (or for ``"balanced"`` class
+            weights) one pass over ``ds`` counts the labels.
+        **others: As in :func:`from_directory`; a file cache is keyed per call.
+
+    Example:
+        >>> ds = tf.data.Dataset.from_tensor_slices((images, labels))
+        >>> data = from_dataset(ds, class_names=["cat", "dog"], model=model)
+    """
+    spec = _make_spec(**locals())
+    ds = _check_element_spec(ds, "ds")
+    validation = validation and _check_element_spec(validation, "validation")
+    count = class_names is None or class_weight == "balanced"
+    counts = _count_labels(ds.map(lambda x, y: y), len(class_names or ())) if count else None
+    names = _names_for(class_names, 0 if counts is None else len(counts))
+    return _stream(spec, ds, validation, names, counts, class_weight, (id(ds), os.getpid()))
+
+
+def _tfds_builder(name: str, data_dir, download: bool):
+    """Returns a prepared builder and its supervised keys, or says how to prepare."""
+    import tensorflow_datasets as tfds  # heavy; imported only when used
+
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    how = (f"Prepare it with internet access: `tfds build {name} --data_dir={where}` (or "
+           f"from_tfds({name!r}, data_dir={where!r}, download=True)), then copy the "
+           f"directory here. Received: name={name!r}, data_dir={data_dir!r}")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:  # unknown name, no files
+        builder = None
+    if download and builder is not None and not builder.is_prepared():
+        builder.download_and_prepare()
+    if builder is None or not builder.is_prepared():
+        hint = " and no builder is registered under that name" if builder is None else ""
+        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir={where!r}"
+                         f"{hint}. {how}")
+    keys = builder.info.supervised_keys
+    if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
+            and isinstance(builder.info.features[keys[1]], tfds.features.ClassLabel)):
+        raise _invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
+    return builder, keys
+
+
+def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
+              download=False, model=None, image_size=None, channels=None,
+              batch_size=32, seed=1337, shuffle=True, cache=True, augment=None,
+              class_weight=None, interpolation="bilinear") -> ImageData:
+    """Reads a prepared TensorFlow Datasets image classification dataset.
+
+    Args:
+        name: TFDS name, e.g. ``"tf_flowers"`` or ``"cats_vs_dogs:4.*.*"``.
+        split: ``(train_split, validation_split_or_None)`` or one split string.
+        data_dir: TFDS data directory (default: ``$TFDS_DATA_DIR`` or TFDS's).
+        download: Download and prepare when missing (needs internet).
+        **others: As in :func:`from_directory`; ``counts`` is only computed
+            (without decoding images) for ``class_weight="balanced"``.
+
+    Raises:
+        ValueError: Data not prepared (the message gives the ``tfds build``
+            command), not image classification, or an invalid argument.
+
+    Example:
+        >>> data = from_tfds("tf_flowers", data_dir="/data/tfds", model=model)
+    """
+    import tensorflow_datasets as tfds
+
+    spec = _make_spec(**locals())
+    splits = (split, None) if isinstance(split, str) else split
+    if not isinstance(splits, (tuple, list)) or len(splits) != 2 or not isinstance(splits[0], str):
+        raise _invalid("split", "a TFDS split string or (train, validation_or_None)", split)
+    builder, (image_key, label_key) = _tfds_builder(name, data_dir, download)
+    names, counts = builder.info.features[label_key].names, None
+    read = functools.partial(builder.as_dataset, as_supervised=True,
+                             read_config=tfds.ReadConfig(shuffle_seed=spec.seed))
+    if class_weight == "balanced":
+        labels = read(split=splits[0], decoders={image_key: tfds.decode.SkipDecoding()})
+        counts = _count_labels(labels.map(lambda x, y: y), len(names))
+    return _stream(spec, read(split=splits[0], shuffle_files=spec.shuffle),
+                   read(split=splits[1]) if splits[1] else None, names, counts,
+                   class_weight, (name, str(builder.data_dir), splits))
