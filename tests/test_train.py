@@ -178,3 +178,27 @@ def test_bad_arguments(kwargs, message, small_batch):
                   fine_tune_epochs=1, verbose=0, **kwargs)
     with pytest.raises(ValueError, match="`train` must be a batched tf.data.Dataset"):
         fine_tune(model, "images/", verbose=0)
+
+
+def test_image_folder_data_with_augmentation_skips_the_cache(digits_target, monkeypatch):
+    from tftransfer import data as tfdata
+    from tftransfer import train
+
+    x, y = digits_target
+    images = tfdata.from_arrays(x[:60], y[:60], image_size=(32, 32), validation_split=0.2,
+                                augment=["flip"], class_names=list("abcde"), batch_size=16)
+    assert images.augmented
+    extracted = []
+
+    def spy(*args):
+        extracted.append(1)
+        raise LookupError("feature cache used")
+
+    monkeypatch.setattr(train, "_extract_all", spy)
+    model = build_finetuner(DIGITS, num_classes=5)
+    history = fine_tune(model, images, head_epochs=1, fine_tune_epochs=1, verbose=0)
+    assert extracted == [] and "val_loss" in history.history
+    plain = tfdata.from_arrays(x[:60], y[:60], image_size=(32, 32), batch_size=16)
+    with pytest.raises(LookupError, match="feature cache used"):  # not augmented: cached
+        fine_tune(build_finetuner(DIGITS, num_classes=5), plain, head_epochs=1,
+                  fine_tune_epochs=0, verbose=0)
