@@ -100,12 +100,13 @@ def test_top_1_trains_only_the_last_weighted_layer(fmt, small_batch):
                                  ("keras", "tf2_hub_savedmodel", "tf1_signature",
                                   "keras3_export", "tf_keras2_savedmodel")],
                          ids=lambda f: f[0])
-def test_keras_save_and_reload_gives_identical_outputs(fmt, small_batch, tmp_path):
+def test_keras_save_and_reload_gives_identical_outputs(fmt, small_batch, tmp_path, monkeypatch):
     _, name, extra, _ = fmt
     model = build_finetuner(_source(name), num_classes=5, trainable="all", **extra)
     _fit_once(model, small_batch)
     path = tmp_path / "model.keras"
     model.save(path)
+    monkeypatch.chdir(tmp_path)  # SavedModel handles are stored absolute
     reloaded = keras.saving.load_model(path)
     x = small_batch[0]
     np.testing.assert_array_equal(model.predict(x, verbose=0), reloaded.predict(x, verbose=0))

@@ -100,7 +100,9 @@ class HubLayer(keras.layers.Layer):
     def __init__(self, handle, signature=None, output_key=None, input_key=None,
                  tags=None, trainable=False, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
-        self.handle = str(handle)
+        handle = os.fspath(handle)
+        # Local directories are stored absolute, so a saved model reloads from anywhere.
+        self.handle = handle if is_hub_url(handle) else os.path.abspath(resolve_handle(handle))
         self.signature = signature
         self.output_key = output_key
         self.input_key = input_key
