@@ -263,3 +263,18 @@ def test_lambda_keras_file_refused_unless_unsafe(tmp_path):
         build_finetuner(str(path), num_classes=2)
     model = build_finetuner(str(path), num_classes=2, safe_mode=False)
     assert model.output_shape == (None, 2)
+
+
+def test_sequential_without_input_needs_and_takes_input_shape(tmp_path, small_batch):
+    unbuilt = keras.Sequential([keras.layers.Conv2D(4, 3, name="c"),
+                                keras.layers.GlobalAveragePooling2D(name="gap")])
+    path = tmp_path / "seq.keras"
+    unbuilt.save(path)
+    with pytest.raises(ValueError, match=r"no defined input shape.*Received: input_shape=None"):
+        load_backbone(str(path))
+    backbone = load_backbone(str(path), input_shape=(32, 32, 3))
+    assert tuple(backbone.input.shape) == (None, 32, 32, 3)
+    assert tuple(load_backbone(str(path), input_shape=(32, 32, 3), output_layer="c").output_shape) \
+        == (None, 30, 30, 4)
+    with pytest.raises(ValueError, match=r"\(32, 32, 3\).*Received: input_shape=\(16, 16, 3\)"):
+        load_backbone(DIGITS, input_shape=(16, 16, 3))

@@ -16,7 +16,7 @@ FORMATS = [
     ("tf1_signature", "digits_cnn_tf1",
      {"signature": "image_feature_vector", "output_key": "feature_vector"}, True),
     ("tf_keras2_savedmodel", "digits_cnn_tfkeras", {}, False),
-    ("tf_keras2_h5_sequential", "digits_cnn_tfkeras.h5", {"input_shape": (32, 32, 3)}, False),
+    ("tf_keras2_h5_sequential", "digits_cnn_tfkeras.h5", {}, False),
 ]
 IDS = [f[0] for f in FORMATS]
 
@@ -39,6 +39,7 @@ def test_each_format_gives_the_pretrained_features(fmt, reference_features):
     kwargs = {k: v for k, v in extra.items() if k in ("signature", "output_key", "input_shape")}
     backbone = load_backbone(_source(name), **kwargs)
     assert tuple(backbone.input_shape[1:]) == (32, 32, 3)
+    assert tuple(backbone.input.shape) == (None, 32, 32, 3)  # a graph with a defined input
     np.testing.assert_allclose(np.asarray(backbone(x, training=False)), expected, atol=1e-4)
 
 

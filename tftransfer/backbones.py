@@ -215,26 +215,31 @@ def _from_application(name, input_shape, weights):
 
 def _ensure_input(model, input_shape):
     """Gives a model without a defined input (Keras 2 Sequential) one."""
-    try:
-        model.inputs  # noqa: B018
-        defined = bool(model.inputs)
-    except (AttributeError, ValueError):
-        defined = False
-    if not defined:
+    if not _has_inputs(model):
         if input_shape is None:
             raise ValueError(
                 f"The model {model.name!r} has no defined input shape; pass "
                 "`input_shape=(H, W, C)`. Received: input_shape=None"
             )
         model.build((None, *input_shape))
-        return model
-    if input_shape is not None and tuple(model.input_shape[1:]) != tuple(input_shape):
-        if None not in model.input_shape[1:]:
-            raise ValueError(
-                f"The backbone takes inputs of shape {tuple(model.input_shape[1:])}, "
-                f"which does not match `input_shape`. Received: input_shape={tuple(input_shape)}"
-            )
+    elif input_shape is not None and None not in model.input_shape[1:] and (
+            tuple(model.input_shape[1:]) != tuple(input_shape)):
+        raise ValueError(
+            f"The backbone takes inputs of shape {tuple(model.input_shape[1:])}, "
+            f"which does not match `input_shape`. Received: input_shape={tuple(input_shape)}"
+        )
+    if isinstance(model, keras.Sequential):
+        # A functional view of the same layers: `.input`, `.output` and
+        # `get_layer(...).output` work, so it can be cut and nested.
+        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     return model
+
+
+def _has_inputs(model):
+    try:
+        return bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
 
 
 def _cut(model, layer_name):
