@@ -202,3 +202,56 @@ def test_image_folder_data_with_augmentation_skips_the_cache(digits_target, monk
     with pytest.raises(LookupError, match="feature cache used"):  # not augmented: cached
         fine_tune(build_finetuner(DIGITS, num_classes=5), plain, head_epochs=1,
                   fine_tune_epochs=0, verbose=0)
+
+
+def test_disk_feature_cache_matches_memory_cache(few_shot, tmp_path):
+    train, val, _ = few_shot
+    heads = {}
+    for cache in (True, "disk"):
+        keras.utils.set_random_seed(0)
+        model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+        fine_tune(model, train, val, head_epochs=3, fine_tune_epochs=0, cache_features=cache,
+                  shuffle=False, early_stopping=None, verbose=0, output_dir=tmp_path / str(cache))
+        heads[cache] = model.get_layer("predictions").get_weights()[0]
+        keras.backend.clear_session()
+    assert sorted(os.listdir(tmp_path / "disk" / "feature_cache"))[:2] == ["train.data-00000-of-00001",
+                                                                          "train.index"]
+    np.testing.assert_allclose(heads["disk"], heads[True], atol=1e-5)
+
+
+KILLED_RUN = """
+import os, signal, sys
+import keras
+from tftransfer import build_finetuner, fine_tune
+from tftransfer.datasets import few_shot_split, load_digits_images
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    def on_epoch_end(self, epoch, logs=None):
+        print("EPOCH", epoch, flush=True)
+
+x, y = load_digits_images(classes=(5, 6, 7, 8, 9))
+x, y, _, _ = few_shot_split(x, y, per_class=10, seed=0)
+model = build_finetuner(sys.argv[1], num_classes=5)
+fine_tune(model, (x, y), (x, y), head_epochs=2, fine_tune_epochs=3, early_stopping=None,
+          verbose=0, output_dir=sys.argv[2], callbacks=[Kill()])
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_after_restart(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    run = [sys.executable, str(script), DIGITS, str(tmp_path / "out")]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.run(run + ["3"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == -9, first.stderr[-2000:]  # killed as epoch 3 of 5 began
+    second = subprocess.run(run + ["-1"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    epochs = [int(line.split()[1]) for line in second.stdout.splitlines() if line.startswith("EPOCH")]
+    assert epochs == [3, 4]  # 5 epochs in total, not 7 or 8
