@@ -176,7 +176,8 @@ def test_learning_rate_schedules(schedule, values):
 
 
 def test_weight_decay_and_strategy_scope_build(small_batch):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     model = build_finetuner(str(SAVED / "digits_cnn_hub"), num_classes=5, trainable="all",
                             optimizer="adamw", weight_decay=1e-3, strategy=strategy)
     assert model.distribute_strategy is strategy

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,6 +19,7 @@ from tftransfer.distribute import free_port, get_strategy, launch_tuning_cluster
 def test_mirrored_trains_two_replicas_in_sync(small_batch):
     strategy = get_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2  # the 2 logical CPUs of conftest
+    assert get_strategy("mirrored") is strategy  # one per process, reused by every trial
     model = build_finetuner(str(SAVED / "digits_cnn.keras"), num_classes=5, trainable="all",
                             strategy="mirrored")
     kernel = model.get_layer("predictions").kernel.value
@@ -27,6 +29,11 @@ def test_mirrored_trains_two_replicas_in_sync(small_batch):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert changed(before, weights_of(model.get_layer("backbone")))
     np.testing.assert_array_equal(kernel.values[0].numpy(), kernel.values[1].numpy())
+    # A second model on the same strategy, as the next search trial builds it.
+    keras.backend.clear_session()
+    again = build_finetuner(str(SAVED / "digits_cnn_hub"), num_classes=5, trainable="all",
+                            strategy="mirrored")
+    assert again.fit(x, y, batch_size=16, epochs=1, verbose=0).history["loss"][0] > 0
 
 
 def _run_all(commands, envs, timeout=240):

@@ -33,7 +33,9 @@ def _mirrored():
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
     if not gpus and len(cpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+        # CPU replicas reduce through one device: no collective ops.
+        return tf.distribute.MirroredStrategy(
+            [d.name for d in cpus], cross_device_ops=tf.distribute.ReductionToOneDevice())
     return tf.distribute.MirroredStrategy()
 
 
@@ -71,13 +73,25 @@ def strategy_names():
     return _STRATEGIES.names()
 
 
+_CREATED = {}
+
+
 def get_strategy(identifier=None):
-    """Returns a `tf.distribute.Strategy` (the default one for None / "none")."""
+    """Returns a `tf.distribute.Strategy` (the default one for None / "none").
+
+    A named strategy is created once per process and reused: several mirrored
+    strategies in one process would clash in their collective-op keys (a
+    search builds one model per trial).
+    """
     if identifier is None:
         return tf.distribute.get_strategy()
     if isinstance(identifier, tf.distribute.Strategy):
         return identifier
-    return _STRATEGIES.lookup(identifier)()
+    make = _STRATEGIES.lookup(identifier)
+    name = identifier.strip().lower()
+    if name not in _CREATED:
+        _CREATED[name] = make()
+    return _CREATED[name]
 
 
 def scope(identifier=None):
