@@ -132,3 +132,14 @@ def test_bad_strategy_and_workers():
     with pytest.raises(ValueError, match=r"Received: workers=0"):
         launch_tuning_cluster(["true"], workers=0)
     assert isinstance(get_strategy(tf.distribute.get_strategy()), tf.distribute.Strategy)
+
+
+def test_fine_tune_enters_the_models_strategy_itself(digits_target):
+    from tftransfer import fine_tune
+
+    x, y = digits_target
+    model = build_finetuner(str(SAVED / "digits_cnn.keras"), num_classes=5, strategy="mirrored")
+    history = fine_tune(model, (x[:64], y[:64]), (x[64:128], y[64:128]), head_epochs=2,
+                        fine_tune_epochs=1, unfreeze="top:1", batch_size=16, verbose=0)
+    assert history.stages == {"head": (0, 2), "fine_tune": (2, 3)}
+    assert model.distribute_strategy.num_replicas_in_sync == 2

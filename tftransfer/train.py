@@ -15,6 +15,7 @@ Example:
 ...                     fine_tune_epochs=5, unfreeze="top:1", output_dir="runs/a")
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -76,32 +77,41 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
     """
     _check_epochs(head_epochs, fine_tune_epochs, lr_factor, layerwise_lr_decay)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
-    state = _State(output_dir, overwrite)
-    backbone = _backbone(model)
-    base_lr = _base_learning_rate(model.optimizer)
-    common = dict(callbacks=callbacks, early_stopping=early_stopping, verbose=verbose)
-    if state.stage1_done:
-        model.load_weights(state.path(_STAGE1_WEIGHTS))
-        first = state.stage1_history
-    else:
-        first = _stage1(model, backbone, data, head_epochs, base_lr, cache_features, state, common)
-        state.finish_stage1(model, first)
-    second = {}
-    if fine_tune_epochs:
-        lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
-        freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
-        _recompile(model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
-        start = len(next(iter(first.values()), []))
-        second = _fit(model, data.train, data.validation, data.class_weight, start,
-                      start + fine_tune_epochs, state, "stage2", common).history
-    if state.directory:  # The log holds epochs run before an interruption too.
-        second = _stage2_rows(state.path("history.csv"), len(next(iter(first.values()), [])))
-    history = _merge(model, first, second)
-    state.finish(history)
-    if output_dir:
-        reports.write_training_plots(model, history, data.validation, output_dir,
-                                     data.class_names)
+    with _strategy_scope(model):  # head model, optimizers and state in the model's strategy
+        state = _State(output_dir, overwrite)
+        backbone = _backbone(model)
+        base_lr = _base_learning_rate(model.optimizer)
+        common = dict(callbacks=callbacks, early_stopping=early_stopping, verbose=verbose)
+        if state.stage1_done:
+            model.load_weights(state.path(_STAGE1_WEIGHTS))
+            first = state.stage1_history
+        else:
+            first = _stage1(model, backbone, data, head_epochs, base_lr, cache_features, state, common)
+            state.finish_stage1(model, first)
+        second = {}
+        if fine_tune_epochs:
+            lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
+            freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
+            _recompile(model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
+            start = len(next(iter(first.values()), []))
+            second = _fit(model, data.train, data.validation, data.class_weight, start,
+                          start + fine_tune_epochs, state, "stage2", common).history
+        if state.directory:  # The log holds epochs run before an interruption too.
+            second = _stage2_rows(state.path("history.csv"), len(next(iter(first.values()), [])))
+        history = _merge(model, first, second)
+        state.finish(history)
+        if output_dir:
+            reports.write_training_plots(model, history, data.validation, output_dir,
+                                         data.class_names)
     return history
+
+
+def _strategy_scope(model):
+    """The scope of the strategy the model was built in, unless already in it."""
+    strategy = model.distribute_strategy
+    if tf.distribute.get_strategy() is strategy:
+        return contextlib.nullcontext()
+    return strategy.scope()
 
 
 def _check_epochs(head_epochs, fine_tune_epochs, lr_factor, decay):

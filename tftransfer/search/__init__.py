@@ -1,0 +1,53 @@
+"""Hyperparameter search over tftransfer fine-tuning: `python -m tftransfer.search`.
+
+    python -m tftransfer.search --config tuner_configs/quickstart.yaml
+        [--data SOURCE] [--backbone A[,B...]] [--tuner random|bayesian|hyperband|grid]
+        [--max-trials N] [--epochs N | HEAD,FINE_TUNE] [--directory DIR]
+        [--export-dir DIR] [--strategy none|auto|mirrored|one_device] [--overwrite]
+
+Each trial builds a model with `build_finetuner` and runs the two-stage
+`fine_tune`; KerasTuner keeps the best epoch's `val_accuracy`. One line is
+printed per trial, then the ranked table. The search directory holds
+`config.yaml`, the trials, `report.md`, `trials.png`,
+`best_hyperparameters.yaml` (`build_finetuner:` and `fine_tune:` sections,
+usable as `**kwargs`) and `export/<version>/` (TF Serving). Rerunning the
+same command resumes; a changed config is refused unless `--overwrite`.
+
+Config (YAML; every key optional except `search_space.backbone`):
+
+    data:          source: digits | <folder> | tfds:<name>      (digits)
+                   classes: [5, 6, 7, 8, 9]   per_class: N      (digits only)
+                   image_size: N | [H, W]  (32 digits, else 224)  channels: 1 | 3
+                   validation_split: 0.2   seed: 0
+    search_space:  each knob a value, {choice: [...]}, {min, max, sampling:
+                   linear|log, step} or {int_min, int_max, step}:
+                   backbone (a list = choice), trainable ("none"|"all"|"top:N"|
+                   "fraction:F"; int range = top:N, float range = fraction:F;
+                   what stage 2 unfreezes; default "all"), optimizer (adam),
+                   learning_rate (1e-3), schedule (constant|cosine|warmup_cosine),
+                   regularizer_kind (none|l1|l2|l1_l2), regularizer_strength (1e-4),
+                   dropout (0), hidden_units ([] ; choices are lists),
+                   label_smoothing (0), batch_size (32, per replica),
+                   head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay (null),
+                   lr_factor (0.1)
+    tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
+                   objective: val_accuracy|val_loss  executions_per_trial: 1
+                   seed: 0  max_consecutive_failed_trials: 3
+                   max_epochs: 10  factor: 3  (hyperband: total epoch budget)
+    run:           directory: searches/search   export_dir: <directory>/export
+                   strategy: none|auto|mirrored|one_device (global batch =
+                   batch_size x replicas)   isolate_trials: true (a process
+                   per trial, so memory stays flat in long searches; false
+                   runs trials in one process, which starts faster)
+
+Example:
+
+>>> from tftransfer.search import load_config, run
+>>> result = run(load_config("tuner_configs/quickstart.yaml"))
+>>> result["best"]["score"], result["export"]
+"""
+
+from tftransfer.search.config import ConfigError, load_config, validate
+from tftransfer.search.runner import DirectoryError, run
+
+__all__ = ["ConfigError", "DirectoryError", "load_config", "run", "validate"]

@@ -1,0 +1,134 @@
+"""Command line: `python -m tftransfer.search --config FILE [overrides]`.
+
+Exit codes: 0 success, 1 no trial completed, 2 bad arguments, config or
+search directory (nothing is written then).
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tftransfer.search import config as config_lib  # noqa: E402
+
+
+def _epochs(text):
+    """`N` (both stages) or `HEAD,FINE_TUNE`, as a pair of integers >= 0."""
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected N or HEAD,FINE_TUNE (integers >= 0), received {text!r}")
+    return (values * 2)[:2]
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return value
+
+
+def parser():
+    """The argument parser of `python -m tftransfer.search`."""
+    p = argparse.ArgumentParser(
+        prog="python -m tftransfer.search",
+        description="Hyperparameter search over tftransfer fine-tuning (KerasTuner).",
+        epilog="Exit codes: 0 done, 1 no trial completed, 2 bad arguments, config, data or "
+               "search directory (nothing written). Rerunning the same command resumes. "
+               "Config reference: `help(tftransfer.search)`; examples in tuner_configs/.")
+    p.add_argument("--config", required=True, help="YAML search config (see tuner_configs/).")
+    p.add_argument("--data", help="Override data.source: digits, a folder or tfds:<name>.")
+    p.add_argument("--backbone", help="Override search_space.backbone (comma list = choice).")
+    p.add_argument("--tuner", choices=config_lib.TUNERS, help="Override tuner.kind.")
+    p.add_argument("--max-trials", type=_positive, help="Override tuner.max_trials.")
+    p.add_argument("--epochs", type=_epochs,
+                   help="Fix head_epochs and fine_tune_epochs: N (both) or HEAD,FINE_TUNE.")
+    p.add_argument("--directory", help="Override run.directory (the search directory).")
+    p.add_argument("--export-dir", help="Override run.export_dir (default <directory>/export).")
+    p.add_argument("--strategy", choices=config_lib.STRATEGIES, help="Override run.strategy.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Delete the search directory first instead of resuming.")
+    p.add_argument("--workers", type=_positive,
+                   help="Run a KerasTuner chief and this many workers on this host "
+                        "(one GPU per worker when there are GPUs).")
+    p.add_argument("--trials-only", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def overrides(args):
+    """The `{"section.key": value}` overrides the flags ask for."""
+    out = {"data.source": args.data, "tuner.kind": args.tuner,
+           "tuner.max_trials": args.max_trials, "run.directory": args.directory,
+           "run.export_dir": args.export_dir, "run.strategy": args.strategy}
+    if args.backbone:
+        names = [b.strip() for b in args.backbone.split(",") if b.strip()]
+        out["search_space.backbone"] = names[0] if len(names) == 1 else {"choice": names}
+    if args.epochs:
+        out["search_space.head_epochs"], out["search_space.fine_tune_epochs"] = args.epochs
+    out = {k: v for k, v in out.items() if v is not None}
+    if args.data and args.data != "digits":  # Digits-only keys do not apply.
+        out.update({"data.classes": None, "data.per_class": None})
+    return out
+
+
+def main(argv=None):
+    """Runs the search; returns the exit code.
+
+    Args:
+        argv: Arguments without the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        0 on success, 1 when no trial completed, 2 on bad arguments, config,
+        data or search directory.
+    """
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 2
+    from tftransfer.search import runner
+
+    try:
+        cfg = config_lib.load_config(args.config, overrides(args))
+        if args.workers:
+            return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
+        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only)
+    except (config_lib.ConfigError, runner.DirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief"
+    return 0 if args.trials_only or worker or result["best"] is not None else 1
+
+
+def _cluster(cfg, args, argv):
+    """Runs this command as a KerasTuner chief plus `--workers` workers."""
+    from tftransfer.distribute import launch_tuning_cluster
+    from tftransfer.search import runner
+
+    runner.prepare_directory(cfg, overwrite=args.overwrite)
+    child = _without(argv, "--workers", takes_value=True)
+    child = _without(child, "--overwrite", takes_value=False)
+    return launch_tuning_cluster([sys.executable, "-m", "tftransfer.search", *child], args.workers)
+
+
+def _without(argv, flag, takes_value):
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = takes_value
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

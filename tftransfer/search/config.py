@@ -1,0 +1,402 @@
+"""The search configuration: YAML in, a validated plain dict out.
+
+Every section is checked before any trial runs; a problem raises
+`ConfigError` naming the key path, what is allowed and what was received.
+A validated config is a fixed point: `validate(yaml.safe_load(yaml.safe_dump(
+cfg))) == cfg`, so it can be stored next to the results and compared on
+resume.
+
+Example:
+
+>>> cfg = load_config("tuner_configs/quickstart.yaml")
+>>> cfg["tuner"]["kind"], cfg["search_space"]["backbone"]
+('random', 'saved_models/digits_cnn.keras')
+"""
+
+import copy
+
+import yaml
+
+from tftransfer import optim
+
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+OBJECTIVES = ("val_accuracy", "val_loss")
+STRATEGIES = ("none", "auto", "mirrored", "one_device")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+REGULARIZERS = ("none", "l1", "l2", "l1_l2")
+SAMPLINGS = ("linear", "log")
+RANGE_KEYS = ("min", "max", "sampling", "step")
+INT_RANGE_KEYS = ("int_min", "int_max", "step")
+
+
+class ConfigError(ValueError):
+    """A search configuration that cannot run; the message names the key."""
+
+    def __init__(self, path, expected, received):
+        self.path = path
+        super().__init__(f"Invalid config at `{path}`: expected {expected}. "
+                         f"Received: {received!r}")
+
+
+# ------------------------------------------------------------ value checkers
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    """A checker for a number in a range; returns the value (ints to float)."""
+    kind = "an integer" if integer else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    text = kind + (" " + " and ".join(bounds) if bounds else "")
+
+    def check(path, v):
+        ok = _is_int(v) if integer else _is_num(v)
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            raise ConfigError(path, text, v)
+        return v if integer else float(v)
+
+    return check
+
+
+def _one_of(names):
+    text = "one of " + ", ".join(repr(n) for n in names)
+
+    def check(path, v):
+        if v not in names:
+            raise ConfigError(path, text, v)
+        return v
+
+    return check
+
+
+def _string(path, v):
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(path, "a non-empty string", v)
+    return v
+
+
+
+def _trainable(path, v):
+    text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
+    if isinstance(v, str):
+        kind, _, arg = v.partition(":")
+        try:
+            if v in ("none", "all") or (kind == "top" and int(arg) >= 0) or (
+                    kind == "fraction" and 0 <= float(arg) <= 1):
+                return v
+        except ValueError:
+            pass
+    raise ConfigError(path, text, v)
+
+
+
+def _units(path, v):
+    if not isinstance(v, list) or not all(_is_int(u) and u > 0 for u in v):
+        raise ConfigError(path, "a list of positive integers (may be empty)", v)
+    return list(v)
+
+
+
+def _decay(path, v):
+    return None if v is None else _num(0, 1, lo_open=True)(path, v)
+
+
+# knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
+KNOBS = {
+    "backbone": (_string, None, "fc"),
+    "trainable": (_trainable, "all", "fcri"),
+    "optimizer": (_one_of(tuple(optim.optimizer_names())), "adam", "fc"),
+    "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
+    "schedule": (_one_of(SCHEDULES), "constant", "fc"),
+    "regularizer_kind": (_one_of(REGULARIZERS), "none", "fc"),
+    "regularizer_strength": (_num(0, lo_open=True), 1e-4, "fcr"),
+    "dropout": (_num(0, 1, hi_open=True), 0.0, "fcr"),
+    "hidden_units": (_units, [], "fc"),
+    "label_smoothing": (_num(0, 1, hi_open=True), 0.0, "fcr"),
+    "batch_size": (_num(1, integer=True), 32, "fci"),
+    "head_epochs": (_num(0, integer=True), 5, "fci"),
+    "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
+    "layerwise_lr_decay": (_decay, None, "fcr"),
+    "lr_factor": (_num(0, 1, lo_open=True), 0.1, "fcr"),
+}
+
+# ------------------------------------------------------------------ sections
+
+
+def _no_unknown(path, raw, allowed):
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}" if path else str(key),
+                              "one of the keys " + ", ".join(allowed), key)
+
+
+def _section(path, raw, spec):
+    """Checks a mapping against `spec` {key: (checker, default)}."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "a mapping", raw)
+    _no_unknown(path, raw, spec)
+    out = {}
+    for key, (check, default) in spec.items():
+        sub = f"{path}.{key}" if path else key
+        value = raw.get(key, copy.deepcopy(default))
+        out[key] = check(sub, value) if check and (value is not None or key in raw) else value
+    return out
+
+
+def _optional(check):
+    def wrapped(path, v):
+        return None if v is None else check(path, v)
+    return wrapped
+
+
+def _source(path, v):
+    if not isinstance(v, str) or not v.strip() or v == "tfds:":
+        raise ConfigError(path, "'digits', 'tfds:<name>' or a folder path", v)
+    return v
+
+
+def _image_size(path, v):
+    if _is_int(v):
+        v = [v, v]
+    if not (isinstance(v, list) and len(v) == 2 and all(_is_int(s) and s >= 8 for s in v)):
+        raise ConfigError(path, "an integer >= 8 or a list [height, width]", v)
+    return list(v)
+
+
+def _classes(path, v):
+    if not (isinstance(v, list) and v and all(_is_int(c) and 0 <= c <= 9 for c in v)
+            and len(set(v)) == len(v)):
+        raise ConfigError(path, "a non-empty list of distinct digits 0..9", v)
+    return list(v)
+
+
+DATA = {
+    "source": (_source, "digits"),
+    "classes": (_optional(_classes), None),
+    "image_size": (_optional(_image_size), None),
+    "channels": (_one_of((1, 3)), 3),
+    "validation_split": (_num(0, 1, lo_open=True, hi_open=True), 0.2),
+    "per_class": (_optional(_num(1, integer=True)), None),
+    "seed": (_num(integer=True), 0),
+}
+
+TUNER = {
+    "kind": (_one_of(TUNERS), "random"),
+    "max_trials": (_num(1, integer=True), 10),
+    "objective": (_one_of(OBJECTIVES), "val_accuracy"),
+    "executions_per_trial": (_num(1, integer=True), 1),
+    "seed": (_num(integer=True), 0),
+    "max_consecutive_failed_trials": (_num(1, integer=True), 3),
+    "max_epochs": (_num(1, integer=True), 10),
+    "factor": (_num(2, integer=True), 3),
+}
+
+RUN = {
+    "directory": (_string, "searches/search"),
+    "export_dir": (_optional(_string), None),
+    "strategy": (_one_of(STRATEGIES), "none"),
+    "isolate_trials": (_one_of((False, True)), True),
+}
+
+
+def _data(raw):
+    data = _section("data", raw, DATA)
+    digits = data["source"] == "digits"
+    for key in ("classes", "per_class"):
+        if data[key] is not None and not digits:
+            raise ConfigError(f"data.{key}", "no value unless data.source is 'digits'",
+                              data[key])
+    if digits:
+        data["classes"] = data["classes"] or [5, 6, 7, 8, 9]
+    data["image_size"] = data["image_size"] or ([32, 32] if digits else [224, 224])
+    return data
+
+
+# -------------------------------------------------------------------- knobs
+
+
+def _knob(name, raw):
+    """Validates one search-space knob; returns its normalized form."""
+    check, _, forms = KNOBS[name]
+    path = f"search_space.{name}"
+    if name == "backbone" and isinstance(raw, list):
+        raw = {"choice": raw}  # A list of backbones is a choice.
+    if isinstance(raw, dict):
+        if "choice" in raw:
+            return _choice(path, raw, check, forms)
+        if "min" in raw or "max" in raw:
+            return _range(path, raw, check, forms)
+        if "int_min" in raw or "int_max" in raw:
+            return _int_range(path, raw, forms)
+        raise ConfigError(path, "a value, {choice: [...]}, {min, max, sampling, step} "
+                          "or {int_min, int_max, step}", raw)
+    if "f" not in forms:
+        raise ConfigError(path, "a {choice: [...]}", raw)
+    return check(path, raw)
+
+
+def _choice(path, raw, check, forms):
+    extra = set(raw) - {"choice"}
+    if extra:
+        raise ConfigError(f"{path}.{sorted(extra)[0]}", "only the key 'choice'",
+                          sorted(extra)[0])
+    values = raw["choice"]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}.choice", "a non-empty list", values)
+    out = [check(f"{path}.choice[{i}]", v) for i, v in enumerate(values)]
+    if None in out:
+        raise ConfigError(f"{path}.choice", "no null entry (fix the value instead)", values)
+    if len({repr(v) for v in out}) != len(out):
+        raise ConfigError(f"{path}.choice", "distinct values", values)
+    return {"choice": out}
+
+
+def _range(path, raw, check, forms):
+    if "r" not in forms:
+        raise ConfigError(path, "no {min, max} range for this knob", raw)
+    _keys(path, raw, RANGE_KEYS, ("min", "max"))
+    if path.endswith(".trainable"):
+        check = _num(0, 1)  # fraction:F
+    lo, hi = check(f"{path}.min", raw["min"]), check(f"{path}.max", raw["max"])
+    if not lo < hi:
+        raise ConfigError(f"{path}.max", f"a number > min ({lo})", raw["max"])
+    sampling = raw.get("sampling", "linear")
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"{path}.sampling", "one of 'linear', 'log'", sampling)
+    if sampling == "log" and lo <= 0:
+        raise ConfigError(f"{path}.min", "a number > 0 for log sampling", raw["min"])
+    step = raw.get("step")
+    if step is not None:
+        step = _num(0, lo_open=True)(f"{path}.step", step)
+    return {"min": lo, "max": hi, "sampling": sampling, "step": step}
+
+
+def _int_range(path, raw, forms):
+    if "i" not in forms:
+        raise ConfigError(path, "no {int_min, int_max} range for this knob", raw)
+    _keys(path, raw, INT_RANGE_KEYS, ("int_min", "int_max"))
+    lo = _num(0, integer=True)(f"{path}.int_min", raw["int_min"])
+    hi = _num(integer=True)(f"{path}.int_max", raw["int_max"])
+    if not lo < hi:
+        raise ConfigError(f"{path}.int_max", f"an integer > int_min ({lo})", hi)
+    step = _num(1, integer=True)(f"{path}.step", raw.get("step", 1))
+    return {"int_min": lo, "int_max": hi, "step": step}
+
+
+def _keys(path, raw, allowed, required):
+    _no_unknown(path, raw, allowed)
+    for key in required:
+        if key not in raw:
+            raise ConfigError(f"{path}.{key}", "a value (this key is required)", None)
+
+
+def _search_space(raw):
+    if not isinstance(raw, dict):
+        raise ConfigError("search_space", "a mapping with at least `backbone`", raw)
+    _no_unknown("search_space", raw, KNOBS)
+    if "backbone" not in raw:
+        raise ConfigError("search_space.backbone", "a value (this key is required)", None)
+    return {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
+            for name, (_, default, _) in KNOBS.items()}
+
+
+# ---------------------------------------------------------------- public API
+
+
+def validate(raw):
+    """Validates a raw config mapping and fills in the defaults.
+
+    Args:
+        raw: The mapping read from YAML.
+
+    Returns:
+        A new dict with the sections `data`, `search_space`, `tuner`, `run`.
+
+    Raises:
+        ConfigError: On unknown keys, wrong types, empty choices, bad ranges.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("<top>", "a mapping with data, search_space, tuner, run", raw)
+    _no_unknown("", raw, ("data", "search_space", "tuner", "run"))
+    return {
+        "data": _data(raw.get("data")),
+        "search_space": _search_space(raw.get("search_space")),
+        "tuner": _section("tuner", raw.get("tuner"), TUNER),
+        "run": _section("run", raw.get("run"), RUN),
+    }
+
+
+def read_yaml(path):
+    """Reads a YAML file with `yaml.safe_load`, as a ConfigError on failure."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("--config", "a readable YAML file", str(path)) from e
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"valid YAML ({str(e).splitlines()[0]})",
+                          str(path)) from e
+
+
+def load_config(path, overrides=None):
+    """Reads, overrides and validates a config file.
+
+    Args:
+        path: Path of the YAML file.
+        overrides: Optional dict `{"section.key": value}` applied before
+            validation (the CLI flags).
+
+    Returns:
+        The validated config dict.
+    """
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        raw = copy.deepcopy(raw)
+        for dotted, value in (overrides or {}).items():
+            section, key = dotted.split(".")
+            if not isinstance(raw.get(section, {}), dict):
+                break  # validate() reports the bad section.
+            raw.setdefault(section, {})
+            if raw[section] is None:
+                raw[section] = {}
+            raw[section][key] = value
+    return validate(raw)
+
+
+def dump(cfg):
+    """Returns the YAML text of a validated config."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def differences(old, new, prefix=""):
+    """Dotted key paths whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict) and not _is_knob_form(a):
+            out += differences(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def _is_knob_form(d):
+    return any(k in d for k in ("choice", "min", "int_min"))

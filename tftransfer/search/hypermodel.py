@@ -1,0 +1,180 @@
+"""`FineTuneHyperModel`: `build_finetuner` + two-stage `fine_tune` per trial.
+
+Fixed knobs of the search space stay constants; searched knobs are declared
+on the trial's `HyperParameters` (`Choice`, `Float`, `Int`). `settings(hp)`
+turns a trial's values into the exact keyword arguments of
+`build_finetuner` and `fine_tune`, which is also what
+`best_hyperparameters.yaml` holds.
+"""
+
+import math
+
+import keras
+import keras_tuner as kt
+from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+
+from tftransfer import distribute
+from tftransfer.finetuner import build_finetuner
+from tftransfer.train import fine_tune
+
+BUILD_KNOBS = ("backbone", "trainable", "optimizer", "dropout", "hidden_units",
+               "label_smoothing")
+FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
+
+
+def _encode_units(units):
+    return ",".join(str(u) for u in units) or "none"
+
+
+def _decode_units(text):
+    return [] if text == "none" else [int(u) for u in text.split(",")]
+
+
+def sample(hp, name, spec):
+    """The value of knob `name` for this trial, declaring it on `hp` if searched.
+
+    Args:
+        hp: A `keras_tuner.HyperParameters`.
+        name: The knob name.
+        spec: The knob's validated config: a fixed value, `{choice}`,
+            `{min, max, sampling, step}` or `{int_min, int_max, step}`.
+
+    Returns:
+        The value, decoded (`hidden_units` a list, `trainable` a policy string).
+    """
+    if not isinstance(spec, dict):
+        return spec
+    if "choice" in spec:
+        if name == "hidden_units":
+            return _decode_units(hp.Choice(name, [_encode_units(u) for u in spec["choice"]]))
+        return hp.Choice(name, spec["choice"])
+    if "int_min" in spec:
+        value = hp.Int(name, spec["int_min"], spec["int_max"], step=spec["step"])
+        return f"top:{value}" if name == "trainable" else value
+    value = hp.Float(name, spec["min"], spec["max"], step=spec["step"],
+                     sampling=spec["sampling"])
+    return f"fraction:{value:.4g}" if name == "trainable" else value
+
+
+class FineTuneHyperModel(kt.HyperModel):
+    """Builds and fine-tunes one tftransfer model per trial.
+
+    Args:
+        space: The validated `search_space` config section.
+        data: A `tftransfer.search.sources.SearchData`.
+        strategy: A `tf.distribute.Strategy` (or None); the global batch size
+            is the sampled batch size times its replicas.
+        strategy_name: The config name of the strategy, written to the best
+            hyperparameters.
+    """
+
+    def __init__(self, space, data, strategy=None, strategy_name="none"):
+        super().__init__(name="tftransfer_finetune")
+        self.space, self.data = space, data
+        self.strategy, self.strategy_name = strategy, strategy_name
+        self.declare_only = False
+        self.last_fit = {}
+
+    @property
+    def replicas(self):
+        """Replicas in sync of the strategy (1 without one)."""
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+    def values(self, hp):
+        """Returns `{knob: value}` for this trial."""
+        return {name: sample(hp, name, spec) for name, spec in self.space.items()}
+
+    def settings(self, hp):
+        """Returns `(build_finetuner kwargs, fine_tune kwargs)` for this trial."""
+        v = self.values(hp)
+        build = {k: v[k] for k in BUILD_KNOBS}
+        build.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
+                     regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
+                     learning_rate=self._learning_rate(v), strategy=self.strategy_name)
+        fit = {k: v[k] for k in FIT_KNOBS}
+        fit.update(unfreeze=v["trainable"], batch_size=v["batch_size"] * self.replicas)
+        return build, fit
+
+    def _learning_rate(self, v):
+        if v["schedule"] == "constant":
+            return v["learning_rate"]
+        steps = math.ceil(self.data.num_train / (v["batch_size"] * self.replicas))
+        config = {"learning_rate": v["learning_rate"],
+                  "decay_steps": max(1, steps * max(1, v["head_epochs"]))}
+        if v["schedule"] == "warmup_cosine":
+            config["warmup_steps"] = max(1, config["decay_steps"] // 10)
+        return {"class_name": v["schedule"], "config": config}
+
+    def build(self, hp):
+        """Builds the compiled model of a trial (a fresh Keras session first)."""
+        build, _ = self.settings(hp)
+        if self.declare_only:  # KerasTuner only collects the search space.
+            return None
+        keras.backend.clear_session()
+        build["strategy"] = self.strategy
+        return build_finetuner(**build)
+
+    def fit(self, hp, model, *args, callbacks=None, verbose=0, epochs=None, **kwargs):
+        """Runs the two-stage `fine_tune` of a trial and returns its History.
+
+        KerasTuner's callbacks run in both stages; its best-epoch checkpoint
+        always saves the whole model (stage 1 may train the head alone on
+        cached features). Hyperband's `epochs` is the total epoch budget.
+
+        Args:
+            hp: The trial's `HyperParameters`.
+            model: The model `build(hp)` returned.
+            *args: Unused (the data lives in the HyperModel).
+            callbacks: KerasTuner's callbacks for this execution.
+            verbose: Passed to `fine_tune`.
+            epochs: Hyperband's epoch budget, or None.
+            **kwargs: Unused (e.g. Hyperband's `initial_epoch`).
+
+        Returns:
+            The `keras.callbacks.History` of both stages.
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: The loss became NaN or inf.
+        """
+        _, settings = self.settings(hp)
+        if epochs is not None:
+            head = min(settings["head_epochs"], epochs)
+            settings.update(head_epochs=head,
+                            fine_tune_epochs=min(settings["fine_tune_epochs"], epochs - head))
+        train, validation = self.data.batched(settings["batch_size"], self.replicas)
+        callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
+                     for c in callbacks or []]
+        with distribute.scope(self.strategy):
+            history = fine_tune(model, train, validation, callbacks=callbacks,
+                                verbose=verbose, **settings)
+        self.last_fit = {"replicas": model.distribute_strategy.num_replicas_in_sync,
+                         "global_batch_size": settings["batch_size"]}
+        _check_finite(history)
+        return history
+
+
+def _regularizer(kind, strength):
+    if kind == "none":
+        return None
+    if kind == "l1_l2":
+        return f"l1_l2:{strength:g},{strength:g}"
+    return f"{kind}:{strength:g}"
+
+
+def _check_finite(history):
+    losses = history.history.get("loss", [])
+    if any(not math.isfinite(v) for v in losses):
+        raise kt.errors.FailedTrialError(
+            f"The training loss became {losses[-1]} (NaN or inf): learning rate too high?")
+
+
+class _WholeModel(keras.callbacks.Callback):
+    """Runs KerasTuner's `SaveBestEpoch` on the whole model, in both stages."""
+
+    def __init__(self, inner, model):
+        super().__init__()
+        self.inner, self.whole = inner, model
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.inner.set_model(self.whole)
+        self.inner.on_epoch_end(epoch, logs)

@@ -1,0 +1,297 @@
+"""Runs a validated search: tuner, trial lines, report, best model export.
+
+The search directory (`run.directory`) is KerasTuner's project directory; it
+also holds `config.yaml` (the validated config, so a rerun resumes only when
+nothing changed), `seconds_per_trial.json`, `report.md`, `trials.png`,
+`best_hyperparameters.yaml` and by default `export/<version>/`.
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import keras_tuner as kt
+import tensorflow as tf
+import yaml
+
+from tftransfer import distribute
+from tftransfer.search import config as config_lib
+from tftransfer.search import report, sources
+from tftransfer.search.hypermodel import FineTuneHyperModel
+
+CONFIG_FILE = "config.yaml"
+BEST_FILE = "best_hyperparameters.yaml"
+TIMES_FILE = "seconds_per_trial.json"
+EXPORT_STATE = "export.json"
+# Keys that may change between runs of one search: raising max_trials extends it.
+_RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
+              ("run", "isolate_trials"))
+_TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization,
+           "hyperband": kt.Hyperband, "grid": kt.GridSearch}
+
+
+class DirectoryError(ValueError):
+    """The search directory holds something this run must not touch."""
+
+
+def _comparable(cfg):
+    cfg = copy.deepcopy(cfg)
+    for section, key in _RESUMABLE:
+        cfg.get(section, {}).pop(key, None)
+    return cfg
+
+
+def check_directory(directory, cfg, overwrite):
+    """Refuses a directory that holds another search, unless `overwrite`.
+
+    Raises:
+        DirectoryError: The stored `config.yaml` differs from `cfg`, or the
+            directory holds other files.
+    """
+    if overwrite or not os.path.isdir(directory) or not os.listdir(directory):
+        return
+    stored = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(stored):
+        raise DirectoryError(
+            f"The search directory {directory!r} is not empty and holds no {CONFIG_FILE}. "
+            "Pass --overwrite to clear it, or choose another --directory.")
+    with open(stored) as f:
+        old = yaml.safe_load(f) or {}
+    changed = config_lib.differences(_comparable(old), _comparable(cfg))
+    if changed:
+        raise DirectoryError(
+            f"The search directory {directory!r} holds a search with another config "
+            f"(changed: {', '.join(changed)}). Rerun with --overwrite to delete it and start "
+            "over, or choose another --directory.")
+
+
+def make_strategy(name):
+    """A `tf.distribute.Strategy` for a config name, or None for the default.
+
+    `"mirrored"` mirrors over all GPUs, else over all logical CPUs.
+    """
+    if name == "none":
+        return None
+    if name == "mirrored" and len(tf.config.list_logical_devices("GPU")) < 2:
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(cpus if len(cpus) > 1 else None)
+    strategy = distribute.get_strategy(name)
+    if name == "auto" and strategy is tf.distribute.get_strategy():
+        return None  # "auto" found nothing to distribute over.
+    return strategy
+
+
+class _Reporting:
+    """Tuner mixin: one line per finished trial, with its wall-clock time."""
+
+    def _setup_reporting(self, out, times_path):
+        self._out, self._times_path, self._started = out, times_path, {}
+        self.seconds = {}
+        if os.path.exists(times_path):
+            with open(times_path) as f:
+                self.seconds = json.load(f)
+
+    def on_trial_begin(self, trial):
+        self._started[trial.trial_id] = time.time()
+        super().on_trial_begin(trial)
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        self.seconds[trial.trial_id] = time.time() - self._started.pop(trial.trial_id)
+        with open(self._times_path, "w") as f:
+            json.dump(self.seconds, f)
+        row = report.trial_row(self.oracle.get_trial(trial.trial_id),
+                               self.seconds[trial.trial_id])
+        replicas = self.hypermodel.last_fit.get("replicas")
+        self._out(report.trial_line(row) + (f" | replicas={replicas}" if replicas else ""))
+        self.hypermodel.last_fit = {}
+
+
+def make_tuner(cfg, hypermodel, directory, out=print):
+    """Builds (or reloads) the KerasTuner tuner of a search.
+
+    The strategy is not given to KerasTuner: `build_finetuner` enters its scope
+    itself, after `clear_session` (which must not run inside a scope).
+    """
+    t = cfg["tuner"]
+    direction = "min" if t["objective"] == "val_loss" else "max"
+    kwargs = dict(objective=kt.Objective(t["objective"], direction), seed=t["seed"],
+                  max_consecutive_failed_trials=t["max_consecutive_failed_trials"],
+                  executions_per_trial=t["executions_per_trial"],
+                  directory=os.path.dirname(os.path.abspath(directory)),
+                  project_name=os.path.basename(os.path.abspath(directory)))
+    if t["kind"] == "hyperband":
+        kwargs.update(max_epochs=t["max_epochs"], factor=t["factor"])
+    else:
+        kwargs["max_trials"] = t["max_trials"]
+    cls = type(_TUNERS[t["kind"]].__name__, (_Reporting, _TUNERS[t["kind"]]), {})
+    hypermodel.declare_only = True  # KerasTuner builds once to collect the space.
+    try:
+        tuner = cls(hypermodel, **kwargs)
+    finally:
+        hypermodel.declare_only = False
+    tuner._setup_reporting(out, os.path.join(directory, TIMES_FILE))
+    return tuner
+
+
+def _rows(tuner):
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: report.id_key(t.trial_id))
+    return [report.trial_row(t, tuner.seconds.get(t.trial_id)) for t in trials
+            if str(t.status) in ("COMPLETED", "FAILED", "INVALID")]
+
+
+def run(cfg, overwrite=False, out=print, trials_only=False):
+    """Runs (or resumes) the search a validated config describes.
+
+    Args:
+        cfg: A config from `tftransfer.search.config.validate`.
+        overwrite: Delete the search directory first.
+        out: Callable printing one line.
+        trials_only: Run the missing trials only: no report, no export (what
+            the trial processes of `run.isolate_trials` do).
+
+    Returns:
+        A dict: `directory`, `rows`, `best` (row or None), `export` (version
+        directory or None), `tuner`.
+
+    Raises:
+        DirectoryError: The directory holds another search (no `overwrite`).
+        ConfigError: The data cannot be loaded.
+    """
+    directory = cfg["run"]["directory"]
+    role = os.environ.get("KERASTUNER_TUNER_ID")  # set in a chief/worker cluster
+    trials_only = trials_only or (role is not None and role != "chief")
+    if role is None:
+        check_directory(directory, cfg, overwrite)
+    data = _load_data(cfg)
+    if role is None:
+        prepare_directory(cfg, overwrite, trials_only)
+    isolate = cfg["run"]["isolate_trials"] and not trials_only and role is None
+    if isolate:
+        _run_isolated(cfg, directory, out)
+    strategy = make_strategy(cfg["run"]["strategy"])
+    hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
+                                    cfg["run"]["strategy"])
+    tuner = make_tuner(cfg, hypermodel, directory, out)
+    with warnings.catch_warnings():  # Checkpoints hold optimizer variables too.
+        warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+        if not isolate:
+            _search(tuner, out)
+        if trials_only:
+            rows = _rows(tuner) if role is None else []  # a worker's oracle is remote
+            return {"directory": directory, "rows": rows, "best": None,
+                    "export": None, "tuner": tuner}
+        return _finish(cfg, tuner, hypermodel, data, directory, out)
+
+
+def _load_data(cfg):
+    try:
+        return sources.load(cfg["data"])
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError("data", "data that loads", str(e)) from e
+
+
+def prepare_directory(cfg, overwrite=False, trials_only=False):
+    """Checks the search directory, clears it with `overwrite`, writes the config.
+
+    Raises:
+        DirectoryError: It holds another search and `overwrite` is False.
+    """
+    directory = cfg["run"]["directory"]
+    check_directory(directory, cfg, overwrite)
+    if overwrite and os.path.isdir(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    if not trials_only:
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            f.write(config_lib.dump(cfg))
+
+
+def _search(tuner, out):
+    try:
+        tuner.search(verbose=0)
+    except RuntimeError as e:  # KerasTuner's max_consecutive_failed_trials.
+        if "consecutive failures" not in str(e):
+            raise
+        out(f"Search stopped: {str(e).splitlines()[0]} (tuner.max_consecutive_failed_trials)")
+
+
+def _trial_count(directory):
+    return len([n for n in os.listdir(directory)
+                if os.path.exists(os.path.join(directory, n, "trial.json"))])
+
+
+def _run_isolated(cfg, directory, out):
+    """Runs each missing trial in its own Python process, by resuming the search.
+
+    Building and training models in one process keeps some memory per
+    trial; a process per trial returns all of it. Each process resumes the
+    search with `--max-trials` one higher and ends after that trial.
+    """
+    command = [sys.executable, "-m", "tftransfer.search", "--trials-only",
+               "--config", os.path.join(directory, CONFIG_FILE), "--max-trials"]
+    for target in range(1, cfg["tuner"]["max_trials"] + 1):
+        before = _trial_count(directory)
+        if before >= target:
+            continue
+        code = subprocess.call(command + [str(target)])
+        out(f"trial process {target}: exit {code}")
+        if code != 0 or _trial_count(directory) == before:
+            break  # Failed, or the tuner has nothing left to try.
+
+
+def _finish(cfg, tuner, hypermodel, data, directory, out):
+    objective = cfg["tuner"]["objective"]
+    direction = tuner.oracle.objective.direction
+    rows = _rows(tuner)
+    ranked = report.ranked(rows, direction)
+    best = ranked[0] if ranked and ranked[0]["score"] is not None else None
+    report.write_markdown(os.path.join(directory, "report.md"), rows, objective, direction, best)
+    report.write_plot(os.path.join(directory, "trials.png"), rows, objective, direction)
+    out(report.table(rows, objective, direction))
+    result = {"directory": directory, "rows": rows, "best": best, "export": None,
+              "tuner": tuner}
+    if best is None:
+        out("No trial completed: nothing to export.")
+        return result
+    trial = tuner.oracle.get_trial(best["trial_id"])
+    write_best(os.path.join(directory, BEST_FILE), hypermodel, trial, objective)
+    export_dir = cfg["run"]["export_dir"] or os.path.join(directory, "export")
+    result["export"] = export_best(tuner, trial, data, export_dir, directory, out)
+    return result
+
+
+def write_best(path, hypermodel, trial, objective):
+    """Writes the best trial's `build_finetuner` and `fine_tune` arguments."""
+    build, fit = hypermodel.settings(trial.hyperparameters)
+    with open(path, "w") as f:
+        yaml.safe_dump({"trial_id": trial.trial_id, "objective": objective,
+                        "score": float(trial.score), "build_finetuner": build,
+                        "fine_tune": fit}, f, sort_keys=False)
+
+
+def export_best(tuner, trial, data, export_dir, directory, out):
+    """Exports the best trial's model for TF Serving (once per best trial)."""
+    from tftransfer.export import export_for_serving
+
+    state_path = os.path.join(directory, EXPORT_STATE)
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        same_dir = os.path.abspath(os.path.dirname(state.get("path", ""))) == \
+            os.path.abspath(export_dir)
+        if state.get("trial_id") == trial.trial_id and same_dir and os.path.isdir(state["path"]):
+            out(f"Best trial {trial.trial_id} unchanged; its export is {state['path']}")
+            return state["path"]
+    model = tuner.load_model(trial)
+    path = export_for_serving(model, export_dir, class_names=data.class_names,
+                              metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
+    with open(state_path, "w") as f:
+        json.dump({"trial_id": trial.trial_id, "path": path}, f)
+    out(f"Best trial {trial.trial_id} ({trial.score:.4f}) exported to {path}")
+    return path
