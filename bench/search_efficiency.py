@@ -6,9 +6,10 @@ each trial's completion time and score is recorded from the search's per-trial
 lines. The time to target is when the best-so-far score first reaches
 `--target`. Last line: `hyperband_time_ratio: <hyperband/random>` (target at
 most 0.5); a search that never reaches the target counts as its full time and
-the ratio is marked with `>=` or `<=`.
+the ratio is marked with `>=` or `<=`. A table shows the ratio at several
+targets (`+`: not reached, full time counted).
 
-    python bench/search_efficiency.py [--target 0.8] [--random-trials 12]
+    python bench/search_efficiency.py [--target 0.85] [--random-trials 12]
 """
 
 import argparse
@@ -60,7 +61,7 @@ def time_to(points, total, target):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--random-trials", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,10 +71,16 @@ def main(argv=None):
         for kind in ("random", "hyperband"):
             points, total = search(kind, pathlib.Path(tmp) / kind, args)
             results[kind] = (*time_to(points, total, args.target), len(points), total,
-                             max((s for _, s in points), default=0.0))
+                             max((s for _, s in points), default=0.0), points)
     print(f"\n{'tuner':<10}{'trials':>7}{'best':>7}{'total s':>9}{'to target s':>13}  reached")
-    for kind, (seconds, reached, count, total, best) in results.items():
+    for kind, (seconds, reached, count, total, best, _) in results.items():
         print(f"{kind:<10}{count:>7}{best:>7.3f}{total:>9.1f}{seconds:>13.1f}  {reached}")
+    print(f"\n{'target':<8}{'random s':>10}{'hyperband s':>13}{'ratio':>8}")
+    for target in (0.75, 0.8, 0.85, 0.875):
+        r_t, r_hit = time_to(results["random"][5], results["random"][3], target)
+        h_t, h_hit = time_to(results["hyperband"][5], results["hyperband"][3], target)
+        print(f"{target:<8}{r_t:>9.1f}{'' if r_hit else '+'}{h_t:>12.1f}"
+              f"{'' if h_hit else '+'}{h_t / r_t:>8.2f}")
     (h, h_ok), (r, r_ok) = results["hyperband"][:2], results["random"][:2]
     mark = "" if h_ok and r_ok else (">=" if r_ok else "<=" if h_ok else "~")
     print(f"target val_accuracy {args.target}")
