@@ -60,16 +60,19 @@ def main(argv=None):
 
     def out(line):
         own = process.memory_info().rss / 2**20
-        if args.isolate and line.startswith("trial process"):
+        if args.isolate and line.startswith("trial ") and " | " in line:
+            # Peak of the trial processes that have exited (this one is still ending).
             samples.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10)
-            print(f"{line}: trial process peak {samples[-1]:.0f} MB, this process {own:.0f} MB",
-                  flush=True)
+            print(f"{line.split(' | ')[0]}: trial process peak {samples[-1]:.0f} MB, "
+                  f"this process {own:.0f} MB", flush=True)
         elif not args.isolate and line.startswith("trial "):
             samples.append(own)
             print(f"{line.split(' | ')[0]}: rss {samples[-1]:.0f} MB", flush=True)
 
     try:
         runner.run(_config(directory, args.trials, args.isolate), overwrite=True, out=out)
+        if args.isolate:  # every trial process has exited now
+            samples.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10)
     finally:
         if not args.keep:
             shutil.rmtree(directory.parent, ignore_errors=True)

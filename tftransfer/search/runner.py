@@ -7,6 +7,8 @@ nothing changed), `seconds_per_trial.json`, `report.md`, `trials.png`,
 """
 
 import copy
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -177,7 +179,8 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
     strategy = make_strategy(cfg["run"]["strategy"])
     hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
                                     cfg["run"]["strategy"])
-    tuner = make_tuner(cfg, hypermodel, directory, out)
+    with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
+        tuner = make_tuner(cfg, hypermodel, directory, out)
     with warnings.catch_warnings():  # Checkpoints hold optimizer variables too.
         warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
         if not isolate:
@@ -239,10 +242,21 @@ def _run_isolated(cfg, directory, out):
         before = _trial_count(directory)
         if before >= target:
             continue
-        code = subprocess.call(command + [str(target)])
-        out(f"trial process {target}: exit {code}")
+        code = _relay(command + [str(target)], out)
+        if code:
+            out(f"trial process {target}: exit {code}")
         if code != 0 or _trial_count(directory) == before:
             break  # Failed, or the tuner has nothing left to try.
+
+
+def _relay(command, out):
+    """Runs a trial process, passing its lines on (without KerasTuner's reload notes)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if not line.startswith("Reloading Tuner from"):
+            out(line.rstrip("\n"))
+    return proc.wait()
 
 
 def _finish(cfg, tuner, hypermodel, data, directory, out):
