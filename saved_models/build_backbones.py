@@ -491,6 +491,10 @@ def parse_args(argv=None):
         default=os.path.dirname(os.path.abspath(__file__)),
         help="Where to write the artifacts (default: next to this script).",
     )
+    parser.add_argument(
+        "--with-gan", action="store_true",
+        help="also pretrain the digits GAN (saved_models/build_gan.py, about 3 minutes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -505,6 +509,11 @@ def main(argv=None):
             f"{', '.join(existing)}. Rerun with --overwrite to replace them."
         )
     build_all(args.out_dir)
+    if args.with_gan:  # the GAN's discriminator starts from the backbone just built
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import build_gan
+
+        build_gan.main(["--out-dir", args.out_dir] + (["--overwrite"] if args.overwrite else []))
 
 
 if __name__ == "__main__":
