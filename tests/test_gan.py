@@ -231,7 +231,10 @@ def test_augment_with_generator_adds_labelled_samples():
 
 
 def test_mirrored_strategy_fit():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # One-device reduction: collective ops of several CPU mirrored strategies in
+    # one process clash in their instance keys.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
         gan = tiny_gan(num_classes=2)
         gan.compile(loss="hinge")

@@ -75,14 +75,12 @@ def check_directory(directory, cfg, overwrite):
 def make_strategy(name):
     """A `tf.distribute.Strategy` for a config name, or None for the default.
 
-    `"mirrored"` mirrors over all GPUs, else over all logical CPUs.
+    `"mirrored"` mirrors over all GPUs, else over all logical CPUs
+    (`tftransfer.distribute.get_strategy`).
     """
     if name == "none":
         return None
-    if name == "mirrored" and len(tf.config.list_logical_devices("GPU")) < 2:
-        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(cpus if len(cpus) > 1 else None)
-    strategy = distribute.get_strategy(name)
+    strategy = distribute.get_strategy(name)  # created once per process
     if name == "auto" and strategy is tf.distribute.get_strategy():
         return None  # "auto" found nothing to distribute over.
     return strategy
