@@ -144,7 +144,7 @@ def _from_path(path, input_shape, signature, output_key, safe_mode):
                 f"Received: source={path!r}"
             )
         if os.path.exists(os.path.join(path, "keras_metadata.pb")) and signature is None:
-            return _from_tf_keras_savedmodel(path)
+            return _via_tf_keras(path)
         return _from_hub(path, input_shape, signature, output_key)
     if path.endswith(".keras"):
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
@@ -168,12 +168,8 @@ def _from_h5(path, safe_mode):
         return _via_tf_keras(path)
 
 
-def _from_tf_keras_savedmodel(path):
-    """Rebuilds a tf.keras 2 SavedModel directory as a Keras 3 model."""
-    return _via_tf_keras(path)
-
-
 def _via_tf_keras(path):
+    """Rebuilds a tf.keras 2 SavedModel (or `.h5`) as a Keras 3 model, via legacy HDF5."""
     import tf_keras  # Legacy formats only.
 
     legacy = tf_keras.models.load_model(path, compile=False)

@@ -97,7 +97,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
             loss=heads.auto_loss(task, num_classes, label_smoothing) if loss == "auto" else loss,
             metrics=heads.auto_metrics(task, num_classes) if metrics == "auto" else metrics,
         )
-    model.tftransfer_info = _info(backbone, base, task, num_classes, locals())
+    model.tftransfer_info = _info(base, task, num_classes, locals())
     return model
 
 
@@ -129,7 +129,7 @@ def _optimizer(identifier, learning_rate, weight_decay, options):
     return opt
 
 
-def _info(source, base, task, num_classes, settings):
+def _info(base, task, num_classes, settings):
     keep = ("trainable", "dropout", "hidden_units", "regularizer", "optimizer",
             "learning_rate", "label_smoothing", "weight_decay", "freeze_batchnorm")
     return {

@@ -31,11 +31,6 @@ def leaf_layers(model):
     return leaves
 
 
-def weighted_layers(model):
-    """Lists the leaf layers of `model` that own weights."""
-    return [layer for layer in leaf_layers(model) if layer.weights]
-
-
 def _top(count, spec):
     def policy(layers):
         if count < 0:
