@@ -46,6 +46,8 @@ def main(argv=None):
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument("--output", default="runs/folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished run in --output (refused otherwise)")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
     images = args.images or str(ROOT / "runs" / "digits_folder")
@@ -59,7 +61,8 @@ def main(argv=None):
     model = build_finetuner(backbone, num_classes=data.num_classes, dropout=0.2,
                             learning_rate=1e-2)
     fine_tune(model, data, head_epochs=args.head_epochs, fine_tune_epochs=args.fine_tune_epochs,
-              unfreeze="top:2", output_dir=args.output, overwrite=True, verbose=2)
+              unfreeze="top:2", output_dir=args.output, overwrite=args.overwrite,
+              verbose=2)
     report = evaluate_classifier(model, data.validation, data.class_names)
     print(format_report(report))
     path = export_for_serving(model, os.path.join(args.output, "export"),

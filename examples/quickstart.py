@@ -6,7 +6,7 @@ first with the backbone frozen, then unfrozen at a tenth of the learning rate
 (`fine_tune`), and is saved as `runs/quickstart/model.keras` and exported for
 TF Serving under `runs/quickstart/export/`.
 
-    python examples/quickstart.py [--backbone saved_models/digits_cnn_hub]
+    python examples/quickstart.py [--backbone saved_models/digits_cnn_hub] [--overwrite]
 """
 
 import argparse
@@ -27,6 +27,8 @@ def main(argv=None):
     parser.add_argument("--backbone", default=str(ROOT / "saved_models" / "digits_cnn.keras"))
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--output", default="runs/quickstart")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished run in --output (refused otherwise)")
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(0)
@@ -38,7 +40,8 @@ def main(argv=None):
     model = build_finetuner(args.backbone, num_classes=5, dropout=0.2, learning_rate=1e-2)
     describe_trainable(model)
     fine_tune(model, (x_train, y_train), (x_val, y_val), head_epochs=20, fine_tune_epochs=10,
-              unfreeze="all", batch_size=10, output_dir=args.output, overwrite=True, verbose=2)
+              unfreeze="all", batch_size=10, output_dir=args.output,
+              overwrite=args.overwrite, verbose=2)
     print(format_report(evaluate_classifier(model, (x_test, y_test), names)))
     model.save(os.path.join(args.output, "model.keras"))
     export = export_for_serving(model, os.path.join(args.output, "export"), class_names=names)

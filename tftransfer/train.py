@@ -92,7 +92,7 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         if fine_tune_epochs:
             lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
             freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
-            _recompile(model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
+            _compile_like(model, model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
             start = len(next(iter(first.values()), []))
             second = _fit(model, data.train, data.validation, data.class_weight, start,
                           start + fine_tune_epochs, state, "stage2", common).history
@@ -184,10 +184,10 @@ def _base_learning_rate(optimizer):
     return float(keras.ops.convert_to_numpy(lr))
 
 
-def _recompile(model, optimizer):
-    """Compiles again with a new optimizer, the same loss and fresh metrics."""
-    metrics = keras.saving.deserialize_keras_object(model.get_compile_config().get("metrics"))
-    model.compile(optimizer=optimizer, loss=model.loss, metrics=metrics)
+def _compile_like(target, source, optimizer):
+    """Compiles `target` with `optimizer`, `source`'s loss and fresh `source` metrics."""
+    metrics = keras.saving.deserialize_keras_object(source.get_compile_config().get("metrics"))
+    target.compile(optimizer=optimizer, loss=source.loss, metrics=metrics)
 
 
 def _fresh_optimizer(model, learning_rate):
@@ -204,10 +204,10 @@ def _fresh_optimizer(model, learning_rate):
 
 def _stage1(model, backbone, data, epochs, base_lr, cache_features, state, common):
     freezing.apply(backbone, "none")
-    _recompile(model, _fresh_optimizer(model, base_lr))
+    _compile_like(model, model, _fresh_optimizer(model, base_lr))
     if _use_cache(cache_features, data):
         head = _head_model(model, backbone)
-        _recompile_like(head, model)
+        _compile_like(head, model, _fresh_optimizer(model, base_lr))
         extract = _extractor(model, backbone)
         on_disk = cache_features == "disk" and state.directory
         train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
@@ -235,13 +235,6 @@ def _head_model(model, backbone):
     for layer in layers:
         x = layer(x)
     return keras.Model(inputs, x, name="head")
-
-
-def _recompile_like(head, model):
-    head.compile(optimizer=_fresh_optimizer(model, _base_learning_rate(model.optimizer)),
-                 loss=model.loss,
-                 metrics=keras.saving.deserialize_keras_object(
-                     model.get_compile_config().get("metrics")))
 
 
 def _extractor(model, backbone):
@@ -370,7 +363,10 @@ class _State:
     def _clear(self):
         for name in (_STATE, _STAGE1_WEIGHTS, "history.csv", "backup", "feature_cache", "logs"):
             path = self.path(name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         self.data = {}
 
     def path(self, *parts):

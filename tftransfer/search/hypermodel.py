@@ -13,7 +13,6 @@ import keras
 import keras_tuner as kt
 from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
 
-from tftransfer import distribute
 from tftransfer.finetuner import build_finetuner
 from tftransfer.train import fine_tune
 
@@ -144,9 +143,8 @@ class FineTuneHyperModel(kt.HyperModel):
         train, validation = self.data.batched(settings["batch_size"], self.replicas)
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
-        with distribute.scope(self.strategy):
-            history = fine_tune(model, train, validation, callbacks=callbacks,
-                                verbose=verbose, **settings)
+        history = fine_tune(model, train, validation, callbacks=callbacks,  # enters the
+                            verbose=verbose, **settings)                     # model's strategy
         self.last_fit = {"replicas": model.distribute_strategy.num_replicas_in_sync,
                          "global_batch_size": settings["batch_size"]}
         _check_finite(history)
