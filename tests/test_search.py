@@ -97,9 +97,9 @@ INVALID = [
     ("search_space: {backbone: a}\ntuner: {kind: annealing}\n",
      "Invalid config at `tuner.kind`: expected one of 'random', 'bayesian', 'hyperband', "
      "'grid'. Received: 'annealing'"),
-    ("search_space: {backbone: a}\nrun: {strategy: multi_worker}\n",
+    ("search_space: {backbone: a}\nrun: {strategy: tpu}\n",
      "Invalid config at `run.strategy`: expected one of 'none', 'auto', 'mirrored', "
-     "'one_device'. Received: 'multi_worker'"),
+     "'multi_worker', 'one_device'. Received: 'tpu'"),
     ("search_space: {backbone: a}\ndata: {source: folder, per_class: 5}\n",
      "Invalid config at `data.per_class`: expected no value unless data.source is 'digits'. "
      "Received: 5"),
@@ -308,6 +308,24 @@ def test_settings_map_knobs_to_builder_and_fine_tune_arguments():
     assert set(hp.values) == {"trainable", "hidden_units", "dropout"}
     model = build_finetuner(**{**build, "backbone": DIGITS})
     assert model.get_layer("predictions").output.shape[-1] == 3
+
+
+def test_seed_0_searches_the_same_values_every_run(tmp_path):
+    # KerasTuner reads seed 0 as "draw a random seed"; ours means seed 0.
+    from tftransfer.search.hypermodel import FineTuneHyperModel
+    from tftransfer.search.runner import make_tuner
+    from tftransfer.search.sources import SearchData
+
+    cfg = validate(_tiny(tuner__seed=0))
+    data = SearchData(None, None, ["a", "b"], (32, 32, 3), num_train=10)
+    values = []
+    for name in ("first", "second"):
+        tuner = make_tuner(cfg, FineTuneHyperModel(cfg["search_space"], data),
+                           str(tmp_path / name), out=lambda line: None)
+        values.append([tuner.oracle.create_trial(f"t{i}").hyperparameters.values
+                       for i in range(3)])
+    assert values[0] == values[1]
+    assert len({v["dropout"] for v in values[0]}) == 3
 
 
 @pytest.mark.slow

@@ -7,17 +7,24 @@ own tests do), `"multi_worker"` is `MultiWorkerMirroredStrategy` from
 `TF_CONFIG`, `"one_device"` and `"none"` are explicit; a
 `tf.distribute.Strategy` instance passes through.
 
+Keras 3's `fit` / `evaluate` fail across several workers
+(keras-team/keras#20585): its first-batch build reduces the distributed batch,
+and the metrics of a step are reduced along an axis they do not have.
+`prepare_model(model)` (which `build_finetuner` and `fine_tune` call) fixes
+both for one model, and does nothing outside multi-worker training.
+
 `launch_tuning_cluster(command, workers=N)` runs a KerasTuner chief and N
 workers of `command` on this host (one GPU per worker when there are GPUs).
 """
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
-import warnings
 
 import tensorflow as tf
+from keras import tree
 
 from tftransfer._registry import Registry
 
@@ -40,13 +47,6 @@ def _mirrored():
 
 
 def _multi_worker():
-    warnings.warn(
-        "Keras 3's `fit` does not yet run under MultiWorkerMirroredStrategy "
-        "(keras-team/keras#20585: it fails while reducing per-replica values); "
-        "the strategy is created from TF_CONFIG for custom training loops, and "
-        "for one machine use 'mirrored'.",
-        stacklevel=3,
-    )
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -100,6 +100,90 @@ def scope(identifier=None):
     if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
         return contextlib.nullcontext(strategy)
     return strategy.scope()
+
+
+def in_multi_worker_mode(strategy=None):
+    """Whether `strategy` (default: the current one) spans several workers."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def worker_task():
+    """Returns `(task_type, task_index, is_chief)` from `TF_CONFIG`.
+
+    Without `TF_CONFIG` this process is the only worker: `(None, 0, True)`.
+    The chief is the `"chief"` task, or worker 0 when the cluster has none.
+    """
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind is None:
+        return None, 0, True
+    has_chief = bool(config.get("cluster", {}).get("chief"))
+    return kind, index, kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
+
+
+def worker_directory(directory, strategy=None):
+    """Where this worker writes: `directory` itself on the chief.
+
+    Under multi-worker training every worker runs the same program, and only
+    the chief may write the user's files; the others keep their own state
+    (backups, so that a restarted cluster resumes in step) in
+    `directory/workers/<task_type>-<index>`.
+    """
+    if directory is None or not in_multi_worker_mode(strategy):
+        return directory
+    kind, index, chief = worker_task()
+    return directory if chief else os.path.join(directory, "workers", f"{kind}-{index}")
+
+
+def prepare_model(model):
+    """Lets Keras 3's `fit` and `evaluate` run `model` on several workers.
+
+    Under a multi-worker `MultiWorkerMirroredStrategy`, Keras 3.15 fails in
+    two places (keras-team/keras#20585): the model's first-batch build
+    reduces a distributed batch across workers, and each step's metrics
+    (scalars) are reduced "along axis 0". This builds from the worker's local
+    batch, and gives each metric a leading axis of one so that the
+    cross-worker mean lands on the value itself. Outside multi-worker mode
+    (and when already prepared) it does nothing.
+
+    Args:
+        model: A Keras model created in the strategy's scope.
+
+    Returns:
+        The same model.
+    """
+    strategy = model.distribute_strategy
+    if not in_multi_worker_mode(strategy) or getattr(model, "_tftransfer_multi_worker", False):
+        return model
+
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(local, next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    def with_axis(step):
+        def run(data):
+            return tree.map_structure(lambda v: tf.expand_dims(v, 0), step(data))
+        return run
+
+    # Instance attributes: Keras looks these up on the model when it builds
+    # its train and test functions.
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model.train_step = with_axis(model.train_step)
+    model.test_step = with_axis(model.test_step)
+    model._tftransfer_multi_worker = True
+    return model
 
 
 def free_port():

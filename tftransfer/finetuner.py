@@ -4,7 +4,7 @@ import keras
 
 from tftransfer import freezing, heads, optim
 from tftransfer.backbones import load_backbone
-from tftransfer.distribute import scope
+from tftransfer.distribute import prepare_model, scope
 from tftransfer.layers import ImagePreprocessing
 
 
@@ -98,7 +98,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
             metrics=heads.auto_metrics(task, num_classes) if metrics == "auto" else metrics,
         )
     model.tftransfer_info = _info(base, task, num_classes, locals())
-    return model
+    return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
 
 
 def _assemble(base, num_classes, task, preprocessing, hidden_units, dropout, reg, pooling, name):

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 from sklearn import metrics as skm
 
+from tftransfer.distribute import in_multi_worker_mode
+
 
 def _predict(model, data):
     """Returns `(y_true, y_pred)` class ids for arrays or a batched dataset."""
@@ -25,10 +27,15 @@ def _predict(model, data):
             "`data` must be a tuple (x, y), a batched tf.data.Dataset or an ImageData. "
             f"Received: data of type {type(data).__name__}"
         )
+    predict = model.predict_on_batch
+    if in_multi_worker_mode(model.distribute_strategy):
+        # There `predict_on_batch` gathers the batches of every worker.
+        def predict(x):
+            return np.asarray(model(x, training=False))
     truth, predicted = [], []
     for batch in data:
         truth.append(np.asarray(batch[1]).reshape(-1))
-        predicted.append(np.argmax(model.predict_on_batch(batch[0]), axis=-1))
+        predicted.append(np.argmax(predict(batch[0]), axis=-1))
     return np.concatenate(truth), np.concatenate(predicted)
 
 

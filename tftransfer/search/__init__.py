@@ -3,7 +3,7 @@
     python -m tftransfer.search --config tuner_configs/quickstart.yaml
         [--data SOURCE] [--backbone A[,B...]] [--tuner random|bayesian|hyperband|grid]
         [--max-trials N] [--epochs N | HEAD,FINE_TUNE] [--directory DIR]
-        [--export-dir DIR] [--strategy none|auto|mirrored|one_device] [--overwrite]
+        [--export-dir DIR] [--strategy none|auto|mirrored|multi_worker|one_device] [--overwrite]
 
 Each trial builds a model with `build_finetuner` and runs the two-stage
 `fine_tune`; KerasTuner keeps the best epoch's `val_accuracy`. One line is
@@ -35,10 +35,16 @@ Config (YAML; every key optional except `search_space.backbone`):
                    seed: 0  max_consecutive_failed_trials: 3
                    max_epochs: 10  factor: 3  (hyperband: total epoch budget)
     run:           directory: searches/search   export_dir: <directory>/export
-                   strategy: none|auto|mirrored|one_device (global batch =
+                   strategy: none|auto|mirrored|multi_worker|one_device (global batch =
                    batch_size x replicas)   isolate_trials: true (a process
                    per trial, so memory stays flat in long searches; false
                    runs trials in one process, which starts faster)
+                   multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG;
+                   run the same command on every worker. Each trial trains
+                   on all workers in sync (trials run in-process, the same
+                   seed gives every worker the same trials); the chief writes
+                   the search directory, report and export, the others keep
+                   their state in <directory>/workers/<task>-<index>.
 
 Example:
 

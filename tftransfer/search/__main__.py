@@ -103,7 +103,7 @@ def main(argv=None):
     except (config_lib.ConfigError, runner.DirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief"
+    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
     return 0 if args.trials_only or worker or result["best"] is not None else 1
 
 

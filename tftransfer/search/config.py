@@ -21,7 +21,7 @@ from tftransfer import optim
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 OBJECTIVES = ("val_accuracy", "val_loss")
-STRATEGIES = ("none", "auto", "mirrored", "one_device")
+STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 REGULARIZERS = ("none", "l1", "l2", "l1_l2")
 SAMPLINGS = ("linear", "log")

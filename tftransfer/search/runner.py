@@ -30,6 +30,7 @@ CONFIG_FILE = "config.yaml"
 BEST_FILE = "best_hyperparameters.yaml"
 TIMES_FILE = "seconds_per_trial.json"
 EXPORT_STATE = "export.json"
+WORKERS_DIR = "workers"  # the other workers' searches, under multi_worker
 # Keys that may change between runs of one search: raising max_trials extends it.
 _RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
               ("run", "isolate_trials"))
@@ -55,7 +56,7 @@ def check_directory(directory, cfg, overwrite):
         DirectoryError: The stored `config.yaml` differs from `cfg`, or the
             directory holds other files.
     """
-    if overwrite or not os.path.isdir(directory) or not os.listdir(directory):
+    if overwrite or not os.path.isdir(directory) or not _entries(directory):
         return
     stored = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(stored):
@@ -70,6 +71,11 @@ def check_directory(directory, cfg, overwrite):
             f"The search directory {directory!r} holds a search with another config "
             f"(changed: {', '.join(changed)}). Rerun with --overwrite to delete it and start "
             "over, or choose another --directory.")
+
+
+def _entries(directory):
+    """The directory's entries, without the other workers' folder."""
+    return [n for n in os.listdir(directory) if n != WORKERS_DIR]
 
 
 def make_strategy(name):
@@ -112,6 +118,16 @@ class _Reporting:
         self.hypermodel.last_fit = {}
 
 
+def kerastuner_seed(seed):
+    """The seed given to KerasTuner for a config's `tuner.seed`.
+
+    KerasTuner reads a seed of 0 as "no seed" and draws a random one, so the
+    same config would search other values on each run (and the workers of a
+    multi-worker search would disagree). Seed 0 is passed as 10007.
+    """
+    return seed if seed else 10007
+
+
 def make_tuner(cfg, hypermodel, directory, out=print):
     """Builds (or reloads) the KerasTuner tuner of a search.
 
@@ -120,7 +136,7 @@ def make_tuner(cfg, hypermodel, directory, out=print):
     """
     t = cfg["tuner"]
     direction = "min" if t["objective"] == "val_loss" else "max"
-    kwargs = dict(objective=kt.Objective(t["objective"], direction), seed=t["seed"],
+    kwargs = dict(objective=kt.Objective(t["objective"], direction), seed=kerastuner_seed(t["seed"]),
                   max_consecutive_failed_trials=t["max_consecutive_failed_trials"],
                   executions_per_trial=t["executions_per_trial"],
                   directory=os.path.dirname(os.path.abspath(directory)),
@@ -163,6 +179,10 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
         DirectoryError: The directory holds another search (no `overwrite`).
         ConfigError: The data cannot be loaded.
     """
+    strategy, other_worker = None, False
+    if cfg["run"]["strategy"] == "multi_worker":  # before any other op runs (TF_CONFIG)
+        strategy = make_strategy("multi_worker")
+        cfg, other_worker = _for_this_worker(cfg, strategy)
     directory = cfg["run"]["directory"]
     role = os.environ.get("KERASTUNER_TUNER_ID")  # set in a chief/worker cluster
     trials_only = trials_only or (role is not None and role != "chief")
@@ -174,7 +194,7 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
     isolate = cfg["run"]["isolate_trials"] and not trials_only and role is None
     if isolate:
         _run_isolated(cfg, directory, out)
-    strategy = make_strategy(cfg["run"]["strategy"])
+    strategy = strategy or make_strategy(cfg["run"]["strategy"])
     hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
                                     cfg["run"]["strategy"])
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
@@ -183,11 +203,34 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
         warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
         if not isolate:
             _search(tuner, out)
-        if trials_only:
+        if trials_only or other_worker:
             rows = _rows(tuner) if role is None else []  # a worker's oracle is remote
             return {"directory": directory, "rows": rows, "best": None,
-                    "export": None, "tuner": tuner}
+                    "export": None, "tuner": tuner, "worker": True}
         return _finish(cfg, tuner, hypermodel, data, directory, out)
+
+
+def _for_this_worker(cfg, strategy):
+    """The config one worker of a multi-worker cluster runs.
+
+    Every worker runs the same search in step (same seed, same trials), each
+    trial training on all of them. Trials run in this process: the strategy
+    holds this worker's cluster port. The chief keeps the search directory;
+    the other workers search in `<directory>/workers/<task>-<index>` and
+    write no report and no export.
+
+    Returns:
+        `(config, True when this is not the chief)`.
+    """
+    if not distribute.in_multi_worker_mode(strategy):
+        return cfg, False
+    cfg = copy.deepcopy(cfg)
+    cfg["run"]["isolate_trials"] = False
+    kind, index, chief = distribute.worker_task()
+    if not chief:
+        cfg["run"]["directory"] = os.path.join(cfg["run"]["directory"], WORKERS_DIR,
+                                               f"{kind}-{index}")
+    return cfg, not chief
 
 
 def _load_data(cfg):
@@ -206,7 +249,9 @@ def prepare_directory(cfg, overwrite=False, trials_only=False):
     directory = cfg["run"]["directory"]
     check_directory(directory, cfg, overwrite)
     if overwrite and os.path.isdir(directory):
-        shutil.rmtree(directory)
+        for name in _entries(directory):  # the other workers clear their own folders
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(directory, exist_ok=True)
     if not trials_only:
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -274,6 +319,8 @@ def _finish(cfg, tuner, hypermodel, data, directory, out):
     trial = tuner.oracle.get_trial(best["trial_id"])
     write_best(os.path.join(directory, BEST_FILE), hypermodel, trial, objective)
     export_dir = cfg["run"]["export_dir"] or os.path.join(directory, "export")
+    if distribute.in_multi_worker_mode(hypermodel.strategy):
+        hypermodel.strategy = None  # only the chief exports: no collectives there
     result["export"] = export_best(tuner, trial, data, export_dir, directory, out)
     return result
 
