@@ -56,9 +56,9 @@ MULTI_WORKER = textwrap.dedent("""
     x, y = load_digits_images(classes=(5, 6, 7, 8, 9))
     order = np.random.default_rng(0).permutation(len(y))[:192]
     x, y = x[order], y[order]
-    model = build_finetuner(sys.argv[1], num_classes=5, learning_rate=0.01, strategy=strategy)
+    model = build_finetuner(sys.argv[1], num_classes=5, learning_rate=0.03, strategy=strategy)
     frozen = model.get_layer("backbone").get_weights()[0].copy()
-    history = fine_tune(model, (x[:128], y[:128]), (x[128:], y[128:]), head_epochs=2,
+    history = fine_tune(model, (x[:128], y[:128]), (x[128:], y[128:]), head_epochs=6,
                         fine_tune_epochs=1, unfreeze="all", batch_size=32, shuffle=False,
                         verbose=0, output_dir=sys.argv[2])
     moved = float(np.abs(model.get_layer("backbone").get_weights()[0] - frozen).max())
@@ -93,7 +93,7 @@ def test_multi_worker_from_tf_config_trains_like_one_process(tmp_path):
     assert codes == [0, 0, 0], outputs
     chief, other, alone = (_result(o) for o in outputs)
     assert chief["replicas"] == other["replicas"] == 2  # one replica per worker, in sync
-    assert chief["stages"] == {"head": [0, 2], "fine_tune": [2, 3]}
+    assert chief["stages"] == {"head": [0, 6], "fine_tune": [6, 7]}
     assert chief["moved"] > 0  # stage 2 trained the backbone
     assert chief["weights"] == other["weights"]  # both workers hold the same model
     # The same global batch in one process gives the same losses and model (up to
@@ -102,7 +102,7 @@ def test_multi_worker_from_tf_config_trains_like_one_process(tmp_path):
     np.testing.assert_allclose(chief["val_loss"], alone["val_loss"], rtol=2e-3)
     diff = max(np.abs(np.subtract(a, b)).max() for a, b in zip(chief["weights"], alone["weights"]))
     assert diff < 2e-3, diff
-    assert chief["val_accuracy"][-1] > 0.3  # above chance (0.2) on held-out digits
+    assert max(chief["val_accuracy"]) > 0.5  # well above chance (0.2) on held-out digits
     # Only the chief writes the user's directory; the other worker keeps its own state.
     assert (tmp_path / "run" / "curves.png").exists()
     assert (tmp_path / "run" / "fine_tune_state.json").exists()

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import freezing, optim, reports
+from tftransfer import _feature_store, distribute, freezing, optim, reports
 
 _STATE = "fine_tune_state.json"
 _STAGE1_WEIGHTS = "stage1.weights.h5"
@@ -35,7 +35,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
               layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
-              callbacks=None, output_dir=None, overwrite=False, verbose="auto"):
+              callbacks=None, output_dir=None, overwrite=False, verbose="auto",
+              initial_epoch=0, feature_cache_dir=None):
     """Trains the head on a frozen backbone, then fine-tunes the backbone.
 
     Args:
@@ -63,22 +64,38 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         cache_features: `"auto"` (cache when the data is not augmented),
             `True`, `False`, or `"disk"` (a tf.data cache file under
             `output_dir`, for sets too large for memory).
+        feature_cache_dir: Optional directory shared between runs, e.g. by
+            the trials of a search: the features of the frozen backbone
+            (computed when `cache_features` caches in memory) are kept there,
+            keyed by the backbone's weights and preprocessing and by each
+            image, and read back instead of running the backbone again.
         early_stopping: Integer patience of EarlyStopping (best weights
             restored), or None to turn it off. Defaults to `3`.
         callbacks: Optional list of more Keras callbacks (both stages).
-        output_dir: Optional directory for backups, logs and plots.
+        output_dir: Optional directory for backups, logs and plots. Under
+            multi-worker training only the chief writes there; the other
+            workers keep their state in `output_dir/workers/<task>-<index>`.
         overwrite: Boolean, allow reusing an `output_dir` holding a finished
             run. Defaults to `False`.
         verbose: Passed to `fit`.
+        initial_epoch: Integer, the epoch of the two-stage schedule to start
+            at, for a model that already ran the epochs before it (as
+            KerasTuner's Hyperband does when it trains a trial further).
+            Epochs `[0, head_epochs)` are stage 1 and the next
+            `fine_tune_epochs` are stage 2; from `head_epochs` on, stage 1 is
+            skipped. Defaults to `0`.
 
     Returns:
         A `keras.callbacks.History` covering both stages; its `stages`
-        attribute maps `"head"` and `"fine_tune"` to `(first, end)` epochs.
+        attribute maps `"head"` and `"fine_tune"` to `(first, end)` epochs
+        (counted from 0, so the first is `initial_epoch`).
     """
     _check_epochs(head_epochs, fine_tune_epochs, lr_factor, layerwise_lr_decay)
+    _check_initial_epoch(initial_epoch, head_epochs + fine_tune_epochs)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
     with _strategy_scope(model):  # head model, optimizers and state in the model's strategy
-        state = _State(output_dir, overwrite)
+        state = _State(distribute.worker_directory(output_dir, model.distribute_strategy),
+                       overwrite)
         backbone = _backbone(model)
         base_lr = _base_learning_rate(model.optimizer)
         common = dict(callbacks=callbacks, early_stopping=early_stopping, verbose=verbose)
@@ -86,19 +103,20 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             model.load_weights(state.path(_STAGE1_WEIGHTS))
             first = state.stage1_history
         else:
-            first = _stage1(model, backbone, data, head_epochs, base_lr, cache_features, state, common)
+            first = _stage1(model, backbone, data, (initial_epoch, head_epochs), base_lr,
+                            (cache_features, feature_cache_dir), state, common)
             state.finish_stage1(model, first)
-        second = {}
+        second, start = {}, initial_epoch + len(next(iter(first.values()), []))
         if fine_tune_epochs:
             lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
             freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
             _compile_like(model, model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
-            start = len(next(iter(first.values()), []))
+            done = max(0, initial_epoch - head_epochs)  # stage-2 epochs run before
             second = _fit(model, data.train, data.validation, data.class_weight, start,
-                          start + fine_tune_epochs, state, "stage2", common).history
+                          start + fine_tune_epochs - done, state, "stage2", common).history
         if state.directory:  # The log holds epochs run before an interruption too.
-            second = _stage2_rows(state.path("history.csv"), len(next(iter(first.values()), [])))
-        history = _merge(model, first, second)
+            second = _stage2_rows(state.path("history.csv"), start)
+        history = _merge(model, first, second, initial_epoch)
         state.finish(history)
         if output_dir:
             reports.write_training_plots(model, history, data.validation, output_dir,
@@ -123,6 +141,15 @@ def _check_epochs(head_epochs, fine_tune_epochs, lr_factor, decay):
     if decay is not None and not 0 < decay <= 1:
         raise ValueError(
             f"`layerwise_lr_decay` must be None or in (0, 1]. Received: layerwise_lr_decay={decay!r}"
+        )
+
+
+def _check_initial_epoch(initial_epoch, total):
+    ok = not isinstance(initial_epoch, bool) and isinstance(initial_epoch, int)
+    if not ok or not 0 <= initial_epoch < max(1, total):
+        raise ValueError(
+            "`initial_epoch` must be an integer from 0 to head_epochs + fine_tune_epochs - 1 "
+            f"(here {max(1, total) - 1}). Received: initial_epoch={initial_epoch!r}"
         )
 
 
@@ -202,19 +229,30 @@ def _fresh_optimizer(model, learning_rate):
     return optimizer
 
 
-def _stage1(model, backbone, data, epochs, base_lr, cache_features, state, common):
+def _stage1(model, backbone, data, epochs, base_lr, cache, state, common):
+    """Epochs `[start, end)` of the head on the frozen backbone (none from `end` on)."""
+    (start, end), (cache_features, shared_dir) = epochs, cache
+    use_cache = _use_cache(cache_features, data)
+    if start >= end:
+        return {}
     freezing.apply(backbone, "none")
     _compile_like(model, model, _fresh_optimizer(model, base_lr))
-    if _use_cache(cache_features, data):
+    if use_cache:
         head = _head_model(model, backbone)
         _compile_like(head, model, _fresh_optimizer(model, base_lr))
         extract = _extractor(model, backbone)
         on_disk = cache_features == "disk" and state.directory
+        store = None
+        if shared_dir and not on_disk:
+            store = _feature_store.FeatureStore(
+                shared_dir, _feature_store.backbone_key(model, backbone))
         train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
-                        data.shuffle)
-        val = _cached(data.validation, extract, state.path("feature_cache", "val") if on_disk else "")
-        return _fit(head, train, val, data.class_weight, 0, epochs, state, "stage1", common).history
-    return _fit(model, data.train, data.validation, data.class_weight, 0, epochs, state,
+                        data.shuffle, store)
+        val = _cached(data.validation, extract,
+                      state.path("feature_cache", "val") if on_disk else "", store=store)
+        return _fit(head, train, val, data.class_weight, start, end, state, "stage1",
+                    common).history
+    return _fit(model, data.train, data.validation, data.class_weight, start, end, state,
                 "stage1", common).history
 
 
@@ -234,7 +272,7 @@ def _head_model(model, backbone):
     x = inputs
     for layer in layers:
         x = layer(x)
-    return keras.Model(inputs, x, name="head")
+    return distribute.prepare_model(keras.Model(inputs, x, name="head"))
 
 
 def _extractor(model, backbone):
@@ -247,24 +285,42 @@ def _extractor(model, backbone):
     return extract
 
 
-def _cached(dataset, extract, filename, shuffle=False):
-    """Backbone features computed once: in memory, or in a tf.data cache file."""
+def _cached(dataset, extract, filename, shuffle=False, store=None):
+    """Backbone features computed once: in memory (read from `store` when it
+    holds them), or in a tf.data cache file."""
     if dataset is None:
         return None
     if filename:  # Computed during the first epoch, read from disk after.
         os.makedirs(os.path.dirname(filename), exist_ok=True)
         cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
         return (cached.shuffle(256, reshuffle_each_iteration=True) if shuffle else cached).prefetch(2)
-    columns, batch_size = _extract_all(dataset, extract)
+    columns, batch_size = _extract_all(dataset, _for_any_batch(extract, dataset), store)
     cached = tf.data.Dataset.from_tensor_slices(tuple(columns))
     if shuffle:
         cached = cached.shuffle(len(columns[0]), seed=0, reshuffle_each_iteration=True)
     return cached.batch(batch_size).prefetch(2)
 
 
-def _extract_all(dataset, extract):
-    """One pass of the backbone over `dataset`: features and the other columns."""
-    batches = [(extract(batch[0]), *batch[1:]) for batch in dataset]
+def _for_any_batch(extract, dataset):
+    """`extract` traced once for every batch size of `dataset` (not once per
+    size), on its first call: never when stored features cover the data."""
+    spec = dataset.element_spec[0]
+    if not isinstance(spec, tf.TensorSpec):
+        return extract
+    spec = tf.TensorSpec([None, *spec.shape[1:]], spec.dtype)
+    return lambda images: extract.get_concrete_function(spec)(images)
+
+
+def _extract_all(dataset, extract, store=None):
+    """One pass of the backbone over `dataset`: features and the other columns.
+
+    With a `_feature_store.FeatureStore`, batches it holds skip the backbone
+    and the new ones are written to it.
+    """
+    features = (lambda images: store.features(images, extract)) if store else extract
+    batches = [(features(batch[0]), *batch[1:]) for batch in dataset]
+    if store:
+        store.save()
     columns = [np.concatenate([np.asarray(b[i]) for b in batches]) for i in range(len(batches[0]))]
     return columns, int(batches[0][0].shape[0])
 
@@ -296,6 +352,8 @@ def layerwise_rates(backbone, learning_rate, decay):
 
 def _fit(model, train, validation, class_weight, initial_epoch, epochs, state, stage, common):
     callbacks = _callbacks(state, stage, validation is not None, **common)
+    if not model.optimizer.built:  # Built while tracing, it would make Keras trace twice.
+        model.optimizer.build(model.trainable_variables)
     return model.fit(train, validation_data=validation, epochs=epochs, shuffle=False,
                      initial_epoch=initial_epoch, class_weight=class_weight,
                      callbacks=callbacks, verbose=common["verbose"])
@@ -328,15 +386,16 @@ def _stage2_rows(path, start):
     return {k: [float(rows[e][k]) for e in epochs] for k in keys}
 
 
-def _merge(model, first, second):
+def _merge(model, first, second, initial_epoch=0):
     history = keras.callbacks.History()
     history.set_model(model)
     keys = list(dict.fromkeys(list(first) + list(second)))
     history.history = {k: list(first.get(k, [])) + list(second.get(k, [])) for k in keys}
     n1 = len(next(iter(first.values()), []))
     n2 = len(next(iter(second.values()), []))
-    history.epoch = list(range(n1 + n2))
-    history.stages = {"head": (0, n1), "fine_tune": (n1, n1 + n2)}
+    start, middle = initial_epoch, initial_epoch + n1
+    history.epoch = list(range(start, middle + n2))
+    history.stages = {"head": (start, middle), "fine_tune": (middle, middle + n2)}
     return history
 
 

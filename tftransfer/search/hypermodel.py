@@ -7,7 +7,9 @@ turns a trial's values into the exact keyword arguments of
 `best_hyperparameters.yaml` holds.
 """
 
+import gc
 import math
+import os
 
 import keras
 import keras_tuner as kt
@@ -19,6 +21,7 @@ from tftransfer.train import fine_tune
 BUILD_KNOBS = ("backbone", "trainable", "optimizer", "dropout", "hidden_units",
                "label_smoothing")
 FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
+FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
 
 def _encode_units(units):
@@ -65,12 +68,18 @@ class FineTuneHyperModel(kt.HyperModel):
             is the sampled batch size times its replicas.
         strategy_name: The config name of the strategy, written to the best
             hyperparameters.
+        feature_cache_dir: Directory of the frozen-backbone features that
+            the trials share (`fine_tune`'s `feature_cache_dir`). Defaults to
+            `features/` in the search directory (the parent of the trial
+            folders KerasTuner checkpoints into).
     """
 
-    def __init__(self, space, data, strategy=None, strategy_name="none"):
+    def __init__(self, space, data, strategy=None, strategy_name="none",
+                 feature_cache_dir=None):
         super().__init__(name="tftransfer_finetune")
         self.space, self.data = space, data
         self.strategy, self.strategy_name = strategy, strategy_name
+        self.feature_cache_dir = feature_cache_dir
         self.declare_only = False
         self.last_fit = {}
 
@@ -105,20 +114,36 @@ class FineTuneHyperModel(kt.HyperModel):
         return {"class_name": v["schedule"], "config": config}
 
     def build(self, hp):
-        """Builds the compiled model of a trial (a fresh Keras session first)."""
+        """Builds the compiled model of a trial (a fresh Keras session first).
+
+        Then it moves the objects that survived the session's garbage
+        collection out of the collector's sight (`gc.freeze()`): they live
+        as long as the search (TensorFlow, Keras, the data, the tuner, what
+        earlier trials leaked). KerasTuner collects garbage twice before each
+        build and `clear_session` once more; each full collection walks every
+        tracked object unless frozen, about 0.25 s a time with TensorFlow
+        loaded. Later garbage, such as this trial's model, is collected as
+        before.
+        """
         build, _ = self.settings(hp)
         if self.declare_only:  # KerasTuner only collects the search space.
             return None
-        keras.backend.clear_session()
+        keras.backend.clear_session()  # a full collection: what remains is long-lived
+        gc.freeze()
         build["strategy"] = self.strategy
         return build_finetuner(**build)
 
-    def fit(self, hp, model, *args, callbacks=None, verbose=0, epochs=None, **kwargs):
+    def fit(self, hp, model, *args, callbacks=None, verbose=0, epochs=None, initial_epoch=0,
+            **kwargs):
         """Runs the two-stage `fine_tune` of a trial and returns its History.
 
         KerasTuner's callbacks run in both stages; its best-epoch checkpoint
         always saves the whole model (stage 1 may train the head alone on
-        cached features). Hyperband's `epochs` is the total epoch budget.
+        cached features). Hyperband's `epochs` is the total epoch budget; a
+        trial it trains further (`initial_epoch` > 0, the model holding the
+        earlier trial's best checkpoint) continues the two-stage schedule at
+        `initial_epoch` instead of running it again from epoch 0. Stage-1
+        features are shared by the trials through `feature_cache_dir`.
 
         Args:
             hp: The trial's `HyperParameters`.
@@ -127,7 +152,10 @@ class FineTuneHyperModel(kt.HyperModel):
             callbacks: KerasTuner's callbacks for this execution.
             verbose: Passed to `fine_tune`.
             epochs: Hyperband's epoch budget, or None.
-            **kwargs: Unused (e.g. Hyperband's `initial_epoch`).
+            initial_epoch: Hyperband's first epoch of this trial. When the
+                schedule ends before it (a budget larger than `head_epochs +
+                fine_tune_epochs`), the trial runs the schedule from 0.
+            **kwargs: Unused.
 
         Returns:
             The `keras.callbacks.History` of both stages.
@@ -140,7 +168,10 @@ class FineTuneHyperModel(kt.HyperModel):
             head = min(settings["head_epochs"], epochs)
             settings.update(head_epochs=head,
                             fine_tune_epochs=min(settings["fine_tune_epochs"], epochs - head))
+        if initial_epoch < settings["head_epochs"] + settings["fine_tune_epochs"]:
+            settings["initial_epoch"] = initial_epoch
         train, validation = self.data.batched(settings["batch_size"], self.replicas)
+        settings["feature_cache_dir"] = self.feature_cache_dir or _features_dir(callbacks)
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
         history = fine_tune(model, train, validation, callbacks=callbacks,  # enters the
@@ -149,6 +180,14 @@ class FineTuneHyperModel(kt.HyperModel):
                          "global_batch_size": settings["batch_size"]}
         _check_finite(history)
         return history
+
+
+def _features_dir(callbacks):
+    """`features/` in the search directory, found from KerasTuner's checkpoint path."""
+    for c in callbacks or []:
+        if isinstance(c, SaveBestEpoch):  # <search directory>/trial_<id>/checkpoint...
+            return os.path.join(os.path.dirname(os.path.dirname(c.filepath)), FEATURES_DIR)
+    return None
 
 
 def _regularizer(kind, strength):
