@@ -328,6 +328,17 @@ def test_seed_0_searches_the_same_values_every_run(tmp_path):
     assert len({v["dropout"] for v in values[0]}) == 3
 
 
+def test_rerun_of_a_search_gives_the_same_scores(tmp_path, monkeypatch):
+    # Each trial is seeded from tuner.seed and its values: a search is reproducible.
+    monkeypatch.chdir(tmp_path)
+    path = _write("c.yaml", _tiny(search_space__dropout=0.3, tuner__max_trials=2))
+    scores = []
+    for name in ("a", "b"):
+        assert main(["--config", path, "--directory", name, "--epochs", "2,1"]) == 0
+        scores.append([re.split(r" \| ", row)[3] for row in _table_rows(f"{name}/report.md")])
+    assert scores[0] == scores[1] and len(scores[0]) == 2
+
+
 @pytest.mark.slow
 def test_hyperband_splits_its_epoch_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

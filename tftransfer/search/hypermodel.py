@@ -7,7 +7,10 @@ turns a trial's values into the exact keyword arguments of
 `best_hyperparameters.yaml` holds.
 """
 
+import collections
 import gc
+import hashlib
+import json
 import math
 import os
 
@@ -72,14 +75,22 @@ class FineTuneHyperModel(kt.HyperModel):
             the trials share (`fine_tune`'s `feature_cache_dir`). Defaults to
             `features/` in the search directory (the parent of the trial
             folders KerasTuner checkpoints into).
+        seed: Optional integer. Each trial then seeds Keras, NumPy and
+            Python's `random` from it and its hyperparameter values, so a
+            trial's result depends on its values only and a rerun of the
+            search gives the same scores (the n-th execution of the same
+            values gets the n-th seed, so `executions_per_trial` still
+            averages over initialisations).
     """
 
     def __init__(self, space, data, strategy=None, strategy_name="none",
-                 feature_cache_dir=None):
+                 feature_cache_dir=None, seed=None):
         super().__init__(name="tftransfer_finetune")
         self.space, self.data = space, data
         self.strategy, self.strategy_name = strategy, strategy_name
         self.feature_cache_dir = feature_cache_dir
+        self.seed = seed
+        self._builds = collections.Counter()
         self.declare_only = False
         self.last_fit = {}
 
@@ -130,8 +141,17 @@ class FineTuneHyperModel(kt.HyperModel):
             return None
         keras.backend.clear_session()  # a full collection: what remains is long-lived
         gc.freeze()
+        if self.seed is not None:
+            keras.utils.set_random_seed(self._trial_seed(hp))
         build["strategy"] = self.strategy
         return build_finetuner(**build)
+
+    def _trial_seed(self, hp):
+        values = {k: v for k, v in hp.values.items() if not k.startswith("tuner/")}
+        text = json.dumps([self.seed, values], sort_keys=True, default=str)
+        self._builds[text] += 1
+        digest = hashlib.sha256(f"{text}#{self._builds[text]}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") % (2**31 - 1)
 
     def fit(self, hp, model, *args, callbacks=None, verbose=0, epochs=None, initial_epoch=0,
             **kwargs):

@@ -196,7 +196,7 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
         _run_isolated(cfg, directory, out)
     strategy = strategy or make_strategy(cfg["run"]["strategy"])
     hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
-                                    cfg["run"]["strategy"])
+                                    cfg["run"]["strategy"], seed=cfg["tuner"]["seed"])
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
         tuner = make_tuner(cfg, hypermodel, directory, out)
     with warnings.catch_warnings():  # Checkpoints hold optimizer variables too.
