@@ -10,8 +10,11 @@ Each trial builds a model with `build_finetuner` and runs the two-stage
 printed per trial, then the ranked table. The search directory holds
 `config.yaml`, the trials, `report.md`, `trials.png`,
 `best_hyperparameters.yaml` (`build_finetuner:` and `fine_tune:` sections,
-usable as `**kwargs`) and `export/<version>/` (TF Serving). Rerunning the
-same command resumes; a changed config is refused unless `--overwrite`.
+usable as `**kwargs`), `features/` (the frozen backbone's features, computed
+by the first trial and read by the others) and `export/<version>/` (TF
+Serving). Rerunning the same command resumes; a changed config is refused
+unless `--overwrite`. Each trial is seeded from `tuner.seed` and its values,
+so the same config gives the same scores.
 
 Config (YAML; every key optional except `search_space.backbone`):
 
