@@ -13,6 +13,7 @@ run for each of `--seeds` and the median ratio is reported. Last line:
 table shows every seed, and the median ratio at several targets.
 
     python bench/search_efficiency.py [--target 0.85] [--random-trials 12] [--seeds 0,1,2]
+        [--per-class N]
 """
 
 import argparse
@@ -40,6 +41,8 @@ def search(kind, directory, args, seed):
                  "tuner.max_trials": args.random_trials}
     if kind == "hyperband":
         overrides.update({"tuner.max_epochs": args.max_epochs, "tuner.factor": 3})
+    if args.per_class:  # a heavier variant: more images per epoch, same fixed cost per trial
+        overrides["data.per_class"] = args.per_class
     cfg = load_config(str(ROOT / "tuner_configs" / "quickstart.yaml"), overrides)
     cfg["search_space"]["backbone"] = str(ROOT / "saved_models" / "digits_cnn.keras")
     points, start = [], time.perf_counter()
@@ -75,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--random-trials", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=12)
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated tuner seeds.")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="Override data.per_class (quickstart: 50) to weigh epochs more.")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}  # seed -> kind -> (points, total)
