@@ -8,8 +8,10 @@ trial (warm-up: TensorFlow, data and first traces) to the end of the last.
 By default, as in the search's default (`run.isolate_trials: true`), each
 trial runs in its own process; the number measured is then the peak RSS of
 the largest trial process so far (`getrusage(RUSAGE_CHILDREN)`), and this
-process's own RSS is shown too. `--in-process` runs every trial in this
-process, to show what isolation saves.
+process's own RSS is shown too. The first figure is taken once the first trial
+process has ended: before that, `RUSAGE_CHILDREN` holds only short processes
+forked by this one (at import time), which report this process's size.
+`--in-process` runs every trial in this process, to show what isolation saves.
 
     python bench/search_memory.py [--trials 20] [--in-process] [--keep DIR]
 
@@ -56,14 +58,17 @@ def main(argv=None):
     p.add_argument("--keep", help="Search directory to keep (default: a temporary one).")
     args = p.parse_args(argv)
     directory = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="search_memory-")) / "search"
-    process, samples = psutil.Process(), []
+    process, samples, seen = psutil.Process(), [], [0]
 
     def out(line):
         own = process.memory_info().rss / 2**20
         if args.isolate and line.startswith("trial ") and " | " in line:
             # Peak of the trial processes that have exited (this one is still ending).
-            samples.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10)
-            print(f"{line.split(' | ')[0]}: trial process peak {samples[-1]:.0f} MB, "
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
+            seen[0] += 1
+            if seen[0] > 1:  # from the second line on, trial processes have ended
+                samples.append(peak)
+            print(f"{line.split(' | ')[0]}: peak of ended trial processes {peak:.0f} MB, "
                   f"this process {own:.0f} MB", flush=True)
         elif not args.isolate and line.startswith("trial "):
             samples.append(own)
