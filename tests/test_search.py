@@ -122,12 +122,15 @@ def test_validate_raises_config_error():
         validate({"search_space": {"backbone": "a", "dropout": 1.5}})
 
 
-def test_bad_arguments_exit_2(tmp_path, monkeypatch):
+def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     path = _write("c.yaml", _tiny())
     assert main(["--config", path, "--tuner", "annealing"]) == 2
     assert main(["--config", path, "--max-trials", "0"]) == 2
     assert main([]) == 2
+    assert main(["--config", path, "--workers", "2", "--strategy", "multi_worker"]) == 2
+    assert "Invalid config at `run.strategy`: expected a one-machine strategy with --workers" \
+        in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["c.yaml"]
 
 

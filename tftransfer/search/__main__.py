@@ -97,6 +97,11 @@ def main(argv=None):
 
     try:
         cfg = config_lib.load_config(args.config, overrides(args))
+        if args.workers and cfg["run"]["strategy"] == "multi_worker":
+            raise config_lib.ConfigError(
+                "run.strategy", "a one-machine strategy with --workers (each KerasTuner worker "
+                "trains its own trials; multi_worker trains each trial on all machines, started "
+                "with TF_CONFIG)", "multi_worker")
         if args.workers:
             return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
         result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only)
