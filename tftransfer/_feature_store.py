@@ -24,17 +24,18 @@ import numpy as np
 _DIGEST_BYTES = 16
 
 
-def backbone_key(model, backbone):
-    """A hex key that changes whenever the features of `backbone` could change.
+def backbone_key(model):
+    """A hex key that changes whenever the features of a FineTuner's backbone could change.
 
     It covers the source (and the file's size and time when it is a path),
-    the `"preprocessing"` layer's config, the backbone's layer classes,
-    output shape and dtype, and the bytes of all its weights (trainable or
-    not), so a backbone changed by an earlier fine-tune gets its own key.
+    the preprocessing layer's config, the backbone's layer classes, output
+    shape and dtype, and the bytes of all its weights (trainable or not), so
+    a backbone changed by an earlier fine-tune gets its own key.
     """
     h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    source = getattr(backbone, "tftransfer_source", None) or backbone.name
-    preprocessing = model.get_layer("preprocessing").get_config()
+    backbone = model.backbone
+    source = model.source or backbone.name
+    preprocessing = model.preprocessing.get_config()
     h.update(json.dumps([str(source), _stat(source), preprocessing,
                          [type(layer).__name__ for layer in backbone.layers],
                          str(backbone.output.shape), str(backbone.compute_dtype)],

@@ -2,10 +2,10 @@
 
 import keras
 
-from tftransfer import freezing, heads, optim
+from tftransfer import optim
 from tftransfer.backbones import load_backbone
 from tftransfer.distribute import prepare_model, scope
-from tftransfer.layers import ImagePreprocessing
+from tftransfer.model import FineTuner
 
 
 def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="none",
@@ -15,19 +15,23 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
                     safe_mode=True, preprocessing=None, freeze_batchnorm=True,
                     regularize_backbone=False, label_smoothing=0.0, weight_decay=None,
                     optimizer_options=None, loss="auto", metrics="auto", pooling="avg",
+                    class_names=None, dtype_policy=None, jit_compile="auto",
                     name="finetuner"):
-    """Builds a compiled transfer-learning model from a pretrained backbone.
+    """Builds a compiled `FineTuner` from a pretrained backbone.
 
-    The model takes images `[batch, H, W, C]` in the raw 0-255 range; the
-    backbone's preprocessing is its first layer (`"preprocessing"`), then the
-    backbone (`"backbone"`), then the head (last layer `"predictions"`).
+    The model takes images `[batch, H, W, C]` in the raw 0-255 range; its
+    `preprocessing` layer maps them to the backbone's range, then come the
+    `backbone` and the `head`. Everything it knows (parts, task, class names,
+    source, recipe) survives `model.save("m.keras")` and
+    `keras.models.load_model`.
 
     Args:
         backbone: Anything `load_backbone` accepts: a path (SavedModel dir,
             `.keras`, `.h5`), a TF-Hub handle, a `keras.applications` name, or
             a `keras.Model`.
-        num_classes: Integer >= 1, classes (or labels, or regression values;
-            defaults to 1 for regression).
+        num_classes: Integer >= 2 for classification (>= 1 otherwise), the
+            number of classes, labels or regression values; defaults to
+            `len(class_names)`, or 1 for regression.
         input_shape: Optional `(H, W, C)`; needed where the backbone does not
             define it, and picks the size of applications.
         trainable: Freezing policy: `"none"` (default, backbone frozen),
@@ -68,11 +72,17 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         loss: `"auto"` (from the task) or any Keras loss.
         metrics: `"auto"` (from the task) or a list of Keras metrics.
         pooling: `"avg"` or `"max"` for backbones that output feature maps.
+        class_names: Optional list of names, one per output.
+        dtype_policy: None or `"float32"` (default), `"mixed_float16"` or
+            `"mixed_bfloat16"` (GPUs / TPUs): the backbone and head compute
+            in half precision, variables and the output stay float32, and
+            `mixed_float16` scales the loss.
+        jit_compile: `"auto"`, True or False: XLA compilation of the train
+            step (`keras.Model.compile`).
         name: Name of the model.
 
     Returns:
-        A compiled `keras.Model`. Its attribute `tftransfer_info` records the
-        backbone source, preprocessing, task and settings.
+        A compiled `tftransfer.FineTuner` (a `keras.Model`).
 
     Example:
 
@@ -80,73 +90,43 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     ...                         trainable="top:1", dropout=0.2, regularizer="l2:1e-4")
     >>> model.fit(x, y, epochs=3)
     """
-    num_classes = heads.check_num_classes(num_classes, task)
-    heads.TASKS.lookup(task)
+    if num_classes is None and class_names is not None and not isinstance(class_names, str):
+        num_classes = len(class_names)
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,
                              output_key=output_key, safe_mode=safe_mode)
         reg = optim.get_regularizer(regularizer)
-        model = _assemble(base, num_classes, task, preprocessing, hidden_units, dropout,
-                          reg, pooling, name)
-        freezing.apply(base, trainable, freeze_batchnorm=freeze_batchnorm)
-        if regularize_backbone and reg is not None:
-            _regularize(base, reg)
-        model.compile(
-            optimizer=_optimizer(optimizer, learning_rate, weight_decay, optimizer_options),
-            loss=heads.auto_loss(task, num_classes, label_smoothing) if loss == "auto" else loss,
-            metrics=heads.auto_metrics(task, num_classes) if metrics == "auto" else metrics,
-        )
-    model.tftransfer_info = _info(base, task, num_classes, locals())
+        recipe = _recipe(optimizer, learning_rate, weight_decay, optimizer_options,
+                         label_smoothing, trainable, freeze_batchnorm, jit_compile)
+        recipe["regularize_backbone"] = bool(regularize_backbone)
+        model = FineTuner(base, num_classes, task=task,
+                          preprocessing=preprocessing or getattr(base, "tftransfer_preprocessing",
+                                                                 "none"),
+                          hidden_units=hidden_units, dropout=dropout, regularizer=reg,
+                          pooling=pooling, class_names=class_names,
+                          source=getattr(base, "tftransfer_source", None), recipe=recipe,
+                          dtype_policy=dtype_policy, name=name)
+        model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
+        model.compile(loss=loss, metrics=metrics)
     return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
 
 
-def _assemble(base, num_classes, task, preprocessing, hidden_units, dropout, reg, pooling, name):
-    mode = preprocessing or getattr(base, "tftransfer_preprocessing", "none")
-    inputs = keras.Input(base.input_shape[1:], name="image")
-    x = ImagePreprocessing(mode, name="preprocessing")(inputs)
-    base.name = "backbone"
-    features = base(x)
-    outputs = heads.attach(features, num_classes, task=task, hidden_units=tuple(hidden_units),
-                           dropout=dropout, regularizer=reg, pooling=pooling)
-    return keras.Model(inputs, outputs, name=name)
-
-
-def _regularize(base, reg):
-    for layer in freezing.leaf_layers(base):
-        kernel = getattr(layer, "kernel", None)
-        if kernel is not None and hasattr(kernel, "regularizer"):
-            kernel.regularizer = reg
-
-
-def _optimizer(identifier, learning_rate, weight_decay, options):
-    kwargs = dict(options or {})
-    if weight_decay is not None:
-        kwargs["weight_decay"] = weight_decay
-    opt = optim.get_optimizer(identifier, learning_rate=optim.get_schedule(learning_rate), **kwargs)
-    if weight_decay:
-        opt.exclude_from_weight_decay(var_names=optim.NO_DECAY)
-    return opt
-
-
-def _info(base, task, num_classes, settings):
-    keep = ("trainable", "dropout", "hidden_units", "regularizer", "optimizer",
-            "learning_rate", "label_smoothing", "weight_decay", "freeze_batchnorm")
+def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,
+            freeze_batchnorm, jit_compile):
+    schedule = optim.get_schedule(learning_rate)  # validated here, before anything is built
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        optimizer = keras.optimizers.serialize(optimizer)
+    else:
+        optim.get_optimizer(optimizer, **dict(options or {}))  # validated
     return {
-        "backbone": base.tftransfer_source,
-        "preprocessing": base.tftransfer_preprocessing,
-        "task": task,
-        "num_classes": num_classes,
-        "input_shape": list(base.input_shape[1:]),
-        "hyperparameters": {k: _plain(settings[k]) for k in keep},
+        "optimizer": optimizer,
+        "optimizer_options": dict(options or {}),
+        "learning_rate": schedule if isinstance(schedule, float)
+        else keras.saving.serialize_keras_object(schedule),
+        "weight_decay": weight_decay,
+        "label_smoothing": float(label_smoothing),
+        "trainable": None if callable(trainable) else trainable,
+        "freeze_batchnorm": bool(freeze_batchnorm),
+        "jit_compile": jit_compile,
     }
-
-
-def _plain(value):
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return repr(value)

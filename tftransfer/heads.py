@@ -93,13 +93,13 @@ def check_num_classes(num_classes, task):
     return num_classes
 
 
-def attach(features, num_classes, *, task="classification", hidden_units=(), dropout=0.0,
-           regularizer=None, pooling="avg"):
-    """Puts a task head on a feature tensor.
+def build_head(feature_shape, num_classes, *, task="classification", hidden_units=(),
+               dropout=0.0, regularizer=None, pooling="avg", dtype=None):
+    """The task head on features of `feature_shape`, as a `keras.Sequential`.
 
     Args:
-        features: A symbolic Keras tensor from the backbone, `[b, d]` or
-            `[b, h, w, c]` (pooled first).
+        feature_shape: Shape of the backbone's features without the batch
+            axis, `(d,)` or `(h, w, c)` (pooled first).
         num_classes: Integer, number of classes / labels / regression values.
         task: String, `"classification"`, `"multi_label"` or `"regression"`.
         hidden_units: Sequence of integers, widths of ReLU layers before the
@@ -107,35 +107,40 @@ def attach(features, num_classes, *, task="classification", hidden_units=(), dro
         dropout: Float in [0, 1), dropout before each dense layer.
         regularizer: Optional Keras regularizer for the head's kernels.
         pooling: `"avg"` or `"max"`, how feature maps are pooled.
+        dtype: Optional dtype policy of the hidden layers; the output layer
+            always computes in float32.
 
     Returns:
-        The output tensor; the last layer is named `"predictions"`.
+        A built `keras.Sequential` named `"head"`; its last layer is
+        `"predictions"`.
     """
     spec = TASKS.lookup(task)
     _check_dropout(dropout)
-    x = _pool(features, pooling)
+    layers = [keras.Input(tuple(feature_shape), name="features")]
+    layers += _pool(feature_shape, pooling, dtype)
     for i, units in enumerate(hidden_units):
-        x = _dropout(x, dropout, f"head_dropout_{i}")
-        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
-                               name=f"head_dense_{i}")(x)
-    x = _dropout(x, dropout, "head_dropout")
-    return keras.layers.Dense(num_classes, activation=spec["activation"],
-                              kernel_regularizer=regularizer, name="predictions",
-                              dtype="float32")(x)
+        layers += _dropout(dropout, f"head_dropout_{i}")
+        layers.append(keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
+                                         name=f"head_dense_{i}", dtype=dtype))
+    layers += _dropout(dropout, "head_dropout")
+    layers.append(keras.layers.Dense(num_classes, activation=spec["activation"],
+                                     kernel_regularizer=regularizer, name="predictions",
+                                     dtype="float32"))
+    return keras.Sequential(layers, name="head")
 
 
-def _pool(x, pooling):
-    if len(x.shape) == 2:
-        return x
-    if len(x.shape) != 4:
+def _pool(feature_shape, pooling, dtype):
+    if len(feature_shape) == 1:
+        return []
+    if len(feature_shape) != 3:
         raise ValueError(
             f"The backbone's features must be [batch, d] or [batch, h, w, c]; "
-            f"got shape {tuple(x.shape)}. Pass `output_layer=` to cut it elsewhere."
+            f"got shape {(None, *feature_shape)}. Pass `output_layer=` to cut it elsewhere."
         )
     layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
     if pooling not in layers:
         raise ValueError(f'`pooling` must be "avg" or "max". Received: pooling={pooling!r}')
-    return layers[pooling](name="head_pool")(x)
+    return [layers[pooling](name="head_pool", dtype=dtype)]
 
 
 def _check_dropout(dropout):
@@ -143,8 +148,8 @@ def _check_dropout(dropout):
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
 
 
-def _dropout(x, rate, name):
-    return keras.layers.Dropout(rate, name=name)(x) if rate else x
+def _dropout(rate, name):
+    return [keras.layers.Dropout(rate, name=name)] if rate else []
 
 
 def auto_loss(task, num_classes, label_smoothing=0.0):

@@ -13,6 +13,9 @@ Example:
 >>> reg = get_regularizer("l1_l2:1e-5,1e-4")
 """
 
+import re
+import warnings
+
 import keras
 
 from tftransfer._registry import Registry, check_config_dict
@@ -38,6 +41,119 @@ _OPTIMIZERS = Registry(
         "lion": keras.optimizers.Lion,
     },
 )
+
+
+class _FineTuneOptimizer:
+    """Mixin for Keras optimizers: per-variable learning-rate multipliers and
+    a weight-decay exclusion list, both kept in `get_config`, so a model saved
+    after layer-wise fine-tuning reloads (default `safe_mode`) and trains on
+    with the same rates.
+
+    Args:
+        lr_multipliers: Optional dict `{variable path: factor}`; a variable
+            listed there is updated at `learning_rate * factor`.
+        no_decay: Optional list of variable-name substrings that decoupled
+            weight decay leaves alone.
+    """
+
+    def __init__(self, *args, lr_multipliers=None, no_decay=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
+        self.no_decay = list(no_decay or [])
+        if self.no_decay:
+            self.exclude_from_weight_decay(var_names=self.no_decay)
+
+    def build(self, variables):
+        known = {v.path for v in variables}
+        missing = sorted(set(self.lr_multipliers) - known)
+        if missing and known:
+            warnings.warn(
+                f"{len(missing)} layer-wise learning rates name no variable of the model "
+                f"(e.g. {missing[0]!r}); those variables train at the base rate.",
+                stacklevel=2,
+            )
+        super().build(variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        factor = self.lr_multipliers.get(_path_of(variable))
+        if factor is not None:
+            learning_rate = learning_rate * factor
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_multipliers": dict(self.lr_multipliers),
+                "no_decay": list(self.no_decay)}
+
+
+def _path_of(variable):
+    """The Keras path of a variable, also for the backend variable Keras hands
+    to `update_step` (named `<path>:0`, or `<path>/replica_<i>:0` on other
+    replicas of a mirrored strategy)."""
+    path = getattr(variable, "path", None)
+    if path is not None:
+        return path
+    return re.sub(r"(/replica_\d+)?:\d+$", "", variable.name)
+
+
+def _fine_tune_class(cls):
+    """The registered `_FineTuneOptimizer` subclass of an optimizer class."""
+    name = f"FineTune{cls.__name__}"
+    if name not in _FINE_TUNE_CLASSES:
+        made = type(name, (_FineTuneOptimizer, cls), {"__doc__": f"`{cls.__name__}` with "
+                    "layer-wise learning rates and a saved weight-decay exclusion list."})
+        _FINE_TUNE_CLASSES[name] = keras.saving.register_keras_serializable(
+            package="tftransfer")(made)
+    return _FINE_TUNE_CLASSES[name]
+
+
+_FINE_TUNE_CLASSES = {}
+
+
+def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, options=None,
+                   lr_multipliers=None):
+    """A new optimizer of `identifier`'s kind for fine-tuning.
+
+    Like `get_optimizer`, but an optimizer instance or config is rebuilt (a
+    fresh one, with no state), decoupled weight decay leaves biases and
+    normalization parameters alone, and `lr_multipliers` gives layers their
+    own rates; the result saves and reloads with all of it.
+
+    Args:
+        identifier: Anything `get_optimizer` takes; an instance is copied
+            through its config.
+        learning_rate: Float or schedule; None keeps the identifier's.
+        weight_decay: Optional float >= 0.
+        options: Optional dict of more constructor arguments.
+        lr_multipliers: Optional dict `{variable path: factor}`.
+
+    Returns:
+        A `keras.optimizers.Optimizer`.
+    """
+    kwargs = dict(options or {})
+    if isinstance(identifier, keras.optimizers.Optimizer):
+        identifier = keras.optimizers.serialize(identifier)
+    if isinstance(identifier, dict) and "registered_name" in identifier:  # Keras-serialized
+        optimizer = keras.optimizers.deserialize(identifier)
+        cls, config = _base_class(type(optimizer)), optimizer.get_config()
+        for key in ("lr_multipliers", "no_decay"):
+            config.pop(key, None)
+    else:
+        optimizer = get_optimizer(identifier, learning_rate=learning_rate, **kwargs)
+        cls, config = type(optimizer), optimizer.get_config()
+    config.update(kwargs)
+    if learning_rate is not None:
+        config["learning_rate"] = learning_rate
+    if weight_decay is not None:
+        config["weight_decay"] = weight_decay
+    decay = config.get("weight_decay")
+    if not (decay or lr_multipliers):
+        return cls.from_config(config)
+    config.update(lr_multipliers=lr_multipliers or {}, no_decay=NO_DECAY if decay else [])
+    return _fine_tune_class(cls).from_config(config)
+
+
+def _base_class(cls):
+    return cls.__mro__[2] if issubclass(cls, _FineTuneOptimizer) else cls
 
 
 def optimizer_names():
@@ -121,6 +237,28 @@ _SCHEDULES = Registry(
         "warmup_cosine": _warmup_cosine,
     },
 )
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A schedule times a constant factor (stage 2's lower rate on a schedule).
+
+    Args:
+        schedule: A `LearningRateSchedule` (or its serialized dict).
+        factor: Float > 0.
+    """
+
+    def __init__(self, schedule, factor):
+        if isinstance(schedule, dict):
+            schedule = keras.saving.deserialize_keras_object(schedule)
+        self.schedule, self.factor = schedule, float(factor)
+
+    def __call__(self, step):
+        return self.schedule(step) * self.factor
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule),
+                "factor": self.factor}
 
 
 def schedule_names():

@@ -46,7 +46,8 @@ def evaluate_classifier(model, data, class_names=None):
         model: A classifier whose output is one score per class.
         data: A tuple `(x, y)` with integer labels, a batched dataset of
             `(images, labels)`, or an `ImageData` (its validation split).
-        class_names: Optional list of names; defaults to `"0"`, `"1"`, ...
+        class_names: Optional list of names; defaults to the model's
+            `class_names`, else `"0"`, `"1"`, ...
 
     Returns:
         A dict with `accuracy` (float), `class_names`, `per_class` (a list
@@ -55,6 +56,7 @@ def evaluate_classifier(model, data, class_names=None):
     """
     y_true, y_pred = _predict(model, data)
     num_classes = int(model.output_shape[-1])
+    class_names = class_names or getattr(model, "class_names", None)
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     labels = list(range(num_classes))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
@@ -143,8 +145,8 @@ def write_training_plots(model, history, validation, output_dir, class_names=Non
     `confusion_matrix.png` into `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
     written = [plot_curves(history, os.path.join(output_dir, "curves.png"))]
-    is_classifier = getattr(model.get_layer("predictions").activation, "__name__", "") == "softmax"
+    is_classifier = getattr(model, "task", None) == "classification"
     if validation is not None and is_classifier:
-        report = evaluate_classifier(model, validation, class_names)
+        report = evaluate_classifier(model, validation, class_names or model.class_names)
         written.append(plot_confusion_matrix(report, os.path.join(output_dir, "confusion_matrix.png")))
     return written

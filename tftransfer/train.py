@@ -17,18 +17,23 @@ Example:
 
 import contextlib
 import csv
+import hashlib
 import json
+import math
 import os
 import shutil
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _feature_store, distribute, freezing, optim, reports
+from tftransfer import _feature_store, _lock, distribute, optim, reports
+from tftransfer.model import FineTuner
 
 _STATE = "fine_tune_state.json"
 _STAGE1_WEIGHTS = "stage1.weights.h5"
+_MODEL_FILE = "model.keras"
 
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
@@ -40,8 +45,10 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
     """Trains the head on a frozen backbone, then fine-tunes the backbone.
 
     Args:
-        model: A compiled model from `build_finetuner` (layers `"backbone"`
-            and `"predictions"`).
+        model: A `FineTuner`, from `build_finetuner` or reloaded with
+            `keras.models.load_model`. Its recipe gives the optimizer and
+            base rate of both stages. Without class names, it takes the
+            data's (an `ImageData`'s).
         train: A batched `tf.data.Dataset` of `(images, labels)`, a tuple
             `(x, y)` of arrays, or a `tftransfer.data.ImageData` (its
             validation split and class weights are used when not given).
@@ -72,11 +79,16 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         early_stopping: Integer patience of EarlyStopping (best weights
             restored), or None to turn it off. Defaults to `3`.
         callbacks: Optional list of more Keras callbacks (both stages).
-        output_dir: Optional directory for backups, logs and plots. Under
+        output_dir: Optional directory for the final `model.keras` (the
+            restored best weights), backups (a killed run resumes), logs and
+            plots. It is locked while the run lasts (a second process gets
+            an error naming the first), and keeps a fingerprint of the data
+            and settings: a rerun with other data refuses to mix them. Under
             multi-worker training only the chief writes there; the other
             workers keep their state in `output_dir/workers/<task>-<index>`.
-        overwrite: Boolean, allow reusing an `output_dir` holding a finished
-            run. Defaults to `False`.
+        overwrite: Boolean, start over in an `output_dir` that holds a
+            finished run, or an unfinished one with other data or settings.
+            Defaults to `False`.
         verbose: Passed to `fit`.
         initial_epoch: Integer, the epoch of the two-stage schedule to start
             at, for a model that already ran the epochs before it (as
@@ -88,40 +100,106 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
     Returns:
         A `keras.callbacks.History` covering both stages; its `stages`
         attribute maps `"head"` and `"fine_tune"` to `(first, end)` epochs
-        (counted from 0, so the first is `initial_epoch`).
+        (counted from 0, so the first is `initial_epoch`), and
+        `restored_stage1` says whether stage 2 never beat stage 1, so the
+        model kept the stage-1 weights.
+
+    Raises:
+        FloatingPointError: The loss became NaN or inf; the last good
+            epoch's weights are restored and the run in `output_dir` is
+            marked failed (the same call retries it).
     """
+    model = _check_model(model)
     _check_epochs(head_epochs, fine_tune_epochs, lr_factor, layerwise_lr_decay)
     _check_initial_epoch(initial_epoch, head_epochs + fine_tune_epochs)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
+    data.adopt_class_names(model)
+    data.warn_if_unit_range(model)
+    settings = dict(head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
+                    unfreeze=unfreeze, fine_tune_learning_rate=fine_tune_learning_rate,
+                    lr_factor=lr_factor, layerwise_lr_decay=layerwise_lr_decay,
+                    batch_size=batch_size, class_weight=class_weight, source=model.source,
+                    num_classes=model.num_classes, task=model.task)
     with _strategy_scope(model):  # head model, optimizers and state in the model's strategy
         state = _State(distribute.worker_directory(output_dir, model.distribute_strategy),
-                       overwrite)
-        backbone = _backbone(model)
-        base_lr = _base_learning_rate(model.optimizer)
-        common = dict(callbacks=callbacks, early_stopping=early_stopping, verbose=verbose)
-        if state.stage1_done:
-            model.load_weights(state.path(_STAGE1_WEIGHTS))
-            first = state.stage1_history
-        else:
-            first = _stage1(model, backbone, data, (initial_epoch, head_epochs), base_lr,
-                            (cache_features, feature_cache_dir), state, common)
-            state.finish_stage1(model, first)
-        second, start = {}, initial_epoch + len(next(iter(first.values()), []))
-        if fine_tune_epochs:
-            lr = fine_tune_learning_rate if fine_tune_learning_rate is not None else base_lr * lr_factor
-            freezing.apply(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm)
-            _compile_like(model, model, _stage2_optimizer(model, backbone, lr, layerwise_lr_decay))
-            done = max(0, initial_epoch - head_epochs)  # stage-2 epochs run before
-            second = _fit(model, data.train, data.validation, data.class_weight, start,
-                          start + fine_tune_epochs - done, state, "stage2", common).history
-        if state.directory:  # The log holds epochs run before an interruption too.
-            second = _stage2_rows(state.path("history.csv"), start)
-        history = _merge(model, first, second, initial_epoch)
-        state.finish(history)
-        if output_dir:
-            reports.write_training_plots(model, history, data.validation, output_dir,
-                                         data.class_names)
+                       overwrite, _fingerprint(data, settings) if output_dir else None)
+        with state:
+            history = _run(model, data, state, settings, initial_epoch,
+                           (cache_features, feature_cache_dir), freeze_batchnorm,
+                           dict(callbacks=callbacks, early_stopping=early_stopping,
+                                verbose=verbose))
+            if output_dir:
+                reports.write_training_plots(model, history, data.validation, output_dir,
+                                             data.class_names)
     return history
+
+
+def _run(model, data, state, settings, initial_epoch, cache, freeze_batchnorm, common):
+    """Both stages, resumed from what `state` has finished."""
+    head_epochs, fine_tune_epochs = settings["head_epochs"], settings["fine_tune_epochs"]
+    base_lr = model.base_learning_rate
+    if state.stage1_done:
+        model.load_weights(state.path(_STAGE1_WEIGHTS))
+        first = state.stage1_history
+    else:
+        first = _stage1(model, data, (initial_epoch, head_epochs), base_lr, cache, state, common)
+        state.finish_stage1(model, first)
+    stage1_weights = [np.array(w) for w in model.weights]
+    second, start = {}, initial_epoch + len(next(iter(first.values()), []))
+    if fine_tune_epochs:
+        lr = settings["fine_tune_learning_rate"]
+        if lr is None:
+            lr = _scaled(base_lr, settings["lr_factor"])
+        model.freeze(settings["unfreeze"], freeze_batchnorm=freeze_batchnorm)
+        model.compile_stage(lr, layerwise_lr_decay=settings["layerwise_lr_decay"])
+        done = max(0, initial_epoch - head_epochs)  # stage-2 epochs run before
+        second = _fit(model, data.train, data.validation, data.class_weight, start,
+                      start + fine_tune_epochs - done, state, "stage2", common).history
+    if state.directory:  # The log holds epochs run before an interruption too.
+        second = _stage2_rows(state.path("history.csv"), start)
+    history = _merge(model, first, second, initial_epoch)
+    history.restored_stage1 = _keep_better_stage(model, first, second, stage1_weights,
+                                                 data.validation is not None)
+    state.finish(model, history)
+    return history
+
+
+def _scaled(rate, factor):
+    """`rate * factor` for a float, or a schedule scaled by `factor`."""
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return optim.ScaledSchedule(rate, factor)
+    return rate * factor
+
+
+def _keep_better_stage(model, first, second, stage1_weights, has_validation):
+    """Restores the stage-1 weights when stage 2 never beat them.
+
+    Returns:
+        Whether it did.
+    """
+    key = "val_loss" if has_validation else "loss"
+    before, after = first.get(key), second.get(key)
+    if not before or not after or min(after) <= min(before):
+        return False
+    for variable, value in zip(model.weights, stage1_weights):
+        variable.assign(value)
+    warnings.warn(
+        f"Stage 2 (fine-tuning the backbone) never beat stage 1's best {key} "
+        f"({min(after):.4g} > {min(before):.4g}): the model keeps the stage-1 weights. "
+        "Try a lower `fine_tune_learning_rate` or `lr_factor`, or `unfreeze` fewer layers.",
+        stacklevel=4,
+    )
+    return True
+
+
+def _check_model(model):
+    if not isinstance(model, FineTuner):
+        raise ValueError(
+            "`model` must be a tftransfer.FineTuner, as `build_finetuner` returns (or "
+            "`keras.models.load_model` of one saved after `import tftransfer`). "
+            f"Received: model of type {type(model).__name__}"
+        )
+    return model
 
 
 def _strategy_scope(model):
@@ -170,9 +248,39 @@ class _Data:
             class_weight = train.class_weight if class_weight is None else class_weight
             augmented, names = bool(getattr(train, "augmented", False)), train.class_names
             train = train.train
-        return cls(_dataset(train, batch_size, shuffle, "train"),
+        data = cls(_dataset(train, batch_size, shuffle, "train"),
                    _dataset(validation, batch_size, False, "validation"), class_weight,
                    augmented, names, shuffle)
+        data.arrays = train if isinstance(train, (tuple, list)) else None
+        return data
+
+    def adopt_class_names(self, model):
+        """Gives the model the data's class names when it has none."""
+        if model.class_names is None and self.class_names is not None \
+                and len(self.class_names) == model.num_classes:
+            model.class_names = self.class_names
+
+    def warn_if_unit_range(self, model):
+        """Warns (once) when the images look like 0-1 data; peeks one batch of a dataset."""
+        if self.arrays is not None:
+            model.warn_if_unit_range(self.arrays[0], "train")
+            return
+        for batch in self.train.take(1):
+            model.warn_if_unit_range(np.asarray(batch[0]), "train")
+
+    def fingerprint(self):
+        """A digest of the training data: its arrays' bytes, or a dataset's
+        element spec, size and first batch."""
+        h = hashlib.blake2b(digest_size=16)
+        parts = self.arrays if self.arrays is not None else [
+            np.asarray(t) for batch in self.train.take(1) for t in batch[:2]]
+        h.update(repr(self.train.element_spec).encode())
+        h.update(str(int(self.train.cardinality())).encode())
+        for part in parts:
+            array = np.ascontiguousarray(np.asarray(part))
+            h.update(f"{array.dtype.str}{array.shape}".encode())
+            h.update(array.tobytes())
+        return h.hexdigest()
 
 
 def _dataset(data, batch_size, shuffle, name):
@@ -191,69 +299,29 @@ def _dataset(data, batch_size, shuffle, name):
     )
 
 
-def _backbone(model):
-    try:
-        return model.get_layer("backbone")
-    except ValueError:
-        raise ValueError(
-            "`model` must come from `build_finetuner` (it has no layer named "
-            f"'backbone'). Received: model={model.name!r}"
-        ) from None
-
-
-def _base_learning_rate(optimizer):
-    lr = optimizer._learning_rate if hasattr(optimizer, "_learning_rate") else optimizer.learning_rate
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        for attr in ("warmup_target", "initial_learning_rate"):
-            if getattr(lr, attr, None):
-                return float(getattr(lr, attr))
-        return float(lr(0))
-    return float(keras.ops.convert_to_numpy(lr))
-
-
-def _compile_like(target, source, optimizer):
-    """Compiles `target` with `optimizer`, `source`'s loss and fresh `source` metrics."""
-    metrics = keras.saving.deserialize_keras_object(source.get_compile_config().get("metrics"))
-    target.compile(optimizer=optimizer, loss=source.loss, metrics=metrics)
-
-
-def _fresh_optimizer(model, learning_rate):
-    """A new optimizer of the model's kind and settings at `learning_rate`."""
-    current = model.optimizer
-    if isinstance(current, keras.optimizers.MultiOptimizer):
-        current = current.optimizers[0]
-    config = {**current.get_config(), "learning_rate": optim.get_schedule(learning_rate)}
-    optimizer = type(current).from_config(config)
-    if config.get("weight_decay"):
-        optimizer.exclude_from_weight_decay(var_names=optim.NO_DECAY)
-    return optimizer
-
-
-def _stage1(model, backbone, data, epochs, base_lr, cache, state, common):
+def _stage1(model, data, epochs, base_lr, cache, state, common):
     """Epochs `[start, end)` of the head on the frozen backbone (none from `end` on)."""
     (start, end), (cache_features, shared_dir) = epochs, cache
     use_cache = _use_cache(cache_features, data)
     if start >= end:
         return {}
-    freezing.apply(backbone, "none")
-    _compile_like(model, model, _fresh_optimizer(model, base_lr))
-    if use_cache:
-        head = _head_model(model, backbone)
-        _compile_like(head, model, _fresh_optimizer(model, base_lr))
-        extract = _extractor(model, backbone)
-        on_disk = cache_features == "disk" and state.directory
-        store = None
-        if shared_dir and not on_disk:
-            store = _feature_store.FeatureStore(
-                shared_dir, _feature_store.backbone_key(model, backbone))
-        train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
-                        data.shuffle, store)
-        val = _cached(data.validation, extract,
-                      state.path("feature_cache", "val") if on_disk else "", store=store)
-        return _fit(head, train, val, data.class_weight, start, end, state, "stage1",
-                    common).history
-    return _fit(model, data.train, data.validation, data.class_weight, start, end, state,
-                "stage1", common).history
+    model.freeze("none")
+    model.compile_stage(base_lr)
+    if not use_cache:
+        return _fit(model, data.train, data.validation, data.class_weight, start, end, state,
+                    "stage1", common).history
+    head = distribute.prepare_model(model.head_model(base_lr))
+    extract = tf.function(model.extract_features)
+    on_disk = cache_features == "disk" and state.directory
+    store = None
+    if shared_dir and not on_disk:
+        store = _feature_store.FeatureStore(shared_dir, _feature_store.backbone_key(model))
+    train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
+                    data.shuffle, store)
+    val = _cached(data.validation, extract,
+                  state.path("feature_cache", "val") if on_disk else "", store=store)
+    return _fit(head, train, val, data.class_weight, start, end, state, "stage1",
+                common).history
 
 
 def _use_cache(cache_features, data):
@@ -263,26 +331,6 @@ def _use_cache(cache_features, data):
             f"Received: cache_features={cache_features!r}"
         )
     return bool(cache_features) and not data.augmented
-
-
-def _head_model(model, backbone):
-    """The layers after the backbone, as a model on features."""
-    layers = model.layers[model.layers.index(backbone) + 1:]
-    inputs = keras.Input(backbone.output.shape[1:], name="features")
-    x = inputs
-    for layer in layers:
-        x = layer(x)
-    return distribute.prepare_model(keras.Model(inputs, x, name="head"))
-
-
-def _extractor(model, backbone):
-    preprocessing = model.get_layer("preprocessing")
-
-    @tf.function
-    def extract(images):
-        return backbone(preprocessing(images), training=False)
-
-    return extract
 
 
 def _cached(dataset, extract, filename, shuffle=False, store=None):
@@ -325,43 +373,65 @@ def _extract_all(dataset, extract, store=None):
     return columns, int(batches[0][0].shape[0])
 
 
-def _stage2_optimizer(model, backbone, learning_rate, decay):
-    if decay is None or decay == 1:
-        return _fresh_optimizer(model, learning_rate)
-    rates = layerwise_rates(backbone, learning_rate, decay)
-    groups = {rate: _fresh_optimizer(model, rate) for rate in {learning_rate, *rates.values()}}
-    head = groups[learning_rate]
-    # Called while the train step is traced: only look-ups here.
-    return keras.optimizers.MultiOptimizer(
-        lambda variable: groups[rates[variable.path]] if variable.path in rates else head)
-
-
-def layerwise_rates(backbone, learning_rate, decay):
-    """Maps variable paths of trainable backbone layers to their rates.
-
-    The top trainable layer gets `learning_rate * decay`, the next
-    `learning_rate * decay**2`, and so on down to the input.
-    """
-    layers = [layer for layer in freezing.leaf_layers(backbone) if layer.trainable_weights]
-    rates = {}
-    for depth, layer in enumerate(reversed(layers), start=1):
-        for variable in layer.trainable_weights:
-            rates[variable.path] = learning_rate * decay**depth
-    return rates
-
-
 def _fit(model, train, validation, class_weight, initial_epoch, epochs, state, stage, common):
-    callbacks = _callbacks(state, stage, validation is not None, **common)
+    guard = _NaNGuard()
+    callbacks = [guard] + _callbacks(state, stage, validation is not None, **common)
     if not model.optimizer.built:  # Built while tracing, it would make Keras trace twice.
         model.optimizer.build(model.trainable_variables)
-    return model.fit(train, validation_data=validation, epochs=epochs, shuffle=False,
-                     initial_epoch=initial_epoch, class_weight=class_weight,
-                     callbacks=callbacks, verbose=common["verbose"])
+    history = model.fit(train, validation_data=validation, epochs=epochs, shuffle=False,
+                        initial_epoch=initial_epoch, class_weight=class_weight,
+                        callbacks=callbacks, verbose=common["verbose"])
+    if guard.bad_epoch is not None:
+        state.fail(stage, initial_epoch)
+        raise FloatingPointError(
+            f"The training loss became {guard.bad_loss} in epoch {guard.bad_epoch + 1}, batch "
+            f"{guard.bad_batch + 1} of {_STAGE_NAMES[stage]}: the weights of the last good epoch "
+            "are restored and the run is marked failed, not done (the same call retries it). "
+            "Lower the learning rate (`learning_rate`, `fine_tune_learning_rate` or "
+            "`lr_factor`), or check the data for extreme values."
+        )
+    return history
+
+
+_STAGE_NAMES = {"stage1": "stage 1 (head)", "stage2": "stage 2 (fine-tuning)"}
+
+
+class _NaNGuard(keras.callbacks.Callback):
+    """Stops at the first NaN or inf loss and restores the last good epoch's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad_epoch = self.bad_batch = self.bad_loss = None
+        self._good, self._epoch = None, 0
+
+    def _keep(self):
+        self._good = [np.array(w) for w in self.model.weights]
+
+    def on_train_begin(self, logs=None):
+        self._keep()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.bad_epoch is None:
+            self.bad_epoch, self.bad_batch, self.bad_loss = self._epoch, batch, float(loss)
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.bad_epoch is None:
+            self._keep()
+
+    def on_train_end(self, logs=None):
+        if self.bad_epoch is not None:
+            for variable, value in zip(self.model.weights, self._good):
+                variable.assign(value)
 
 
 def _callbacks(state, stage, has_validation, callbacks, early_stopping, verbose):
     monitor = "val_loss" if has_validation else "loss"
-    result = [keras.callbacks.TerminateOnNaN()]
+    result = []
     if early_stopping:
         result.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=early_stopping,
                                                     restore_best_weights=True))
@@ -399,28 +469,70 @@ def _merge(model, first, second, initial_epoch=0):
     return history
 
 
-class _State:
-    """What a run in `output_dir` has finished, so a restart resumes it."""
+def _fingerprint(data, settings):
+    """What a rerun in the same `output_dir` must share to resume it."""
+    plain = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v))
+             for k, v in settings.items()}
+    return {"data": data.fingerprint(), "settings": json.loads(json.dumps(plain, default=str))}
 
-    def __init__(self, directory, overwrite):
+
+class _State:
+    """What a run in `output_dir` has finished, so a restart resumes it.
+
+    Used as a context manager, it holds the directory's lock: a second
+    process on the same `output_dir` is refused at once.
+    """
+
+    def __init__(self, directory, overwrite, fingerprint=None):
         self.directory = os.fspath(directory) if directory else None
-        self.data = {}
+        self.data, self.fingerprint, self._lock = {}, fingerprint, None
         if not self.directory:
             return
         os.makedirs(self.directory, exist_ok=True)
+        self._lock = _lock.DirectoryLock(self.directory, what="fine_tune output_dir")
+        self._lock.acquire()
+        try:
+            self._load(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _load(self, overwrite):
         if os.path.exists(self.path(_STATE)):
             with open(self.path(_STATE)) as f:
                 self.data = json.load(f)
-        if self.data.get("done"):
-            if not overwrite:
-                raise FileExistsError(
-                    f"`output_dir` {self.directory!r} holds a finished fine_tune run; pass "
-                    "overwrite=True to replace it, or choose another output_dir."
-                )
+        if overwrite and self.data:
             self._clear()
+        elif self.data.get("done"):
+            raise FileExistsError(
+                f"`output_dir` {self.directory!r} holds a finished fine_tune run; pass "
+                "overwrite=True to replace it, or choose another output_dir."
+            )
+        elif self.data and self.fingerprint and self.data.get("fingerprint") != self.fingerprint:
+            old = self.data.get("fingerprint") or {}
+            changed = [k for k, v in self.fingerprint["settings"].items()
+                       if old.get("settings", {}).get(k) != v]
+            if old.get("data") != self.fingerprint["data"]:
+                changed.insert(0, "the training data")
+            raise ValueError(
+                f"`output_dir` {self.directory!r} holds an unfinished fine_tune run with other "
+                f"data or settings (changed: {', '.join(changed) or 'unknown'}); resuming it "
+                "would mix both. Pass overwrite=True to start over, or choose another "
+                f"output_dir. Received: output_dir={self.directory!r}"
+            )
+        if self.directory and self.fingerprint:
+            self._write(fingerprint=self.fingerprint)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
 
     def _clear(self):
-        for name in (_STATE, _STAGE1_WEIGHTS, "history.csv", "backup", "feature_cache", "logs"):
+        for name in (_STATE, _STAGE1_WEIGHTS, _MODEL_FILE, "history.csv", "backup",
+                     "feature_cache", "logs"):
             path = self.path(name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -444,16 +556,40 @@ class _State:
             model.save_weights(self.path(_STAGE1_WEIGHTS))
             self._write(stage1_history=_plain(history))
 
-    def finish(self, history):
-        if self.directory:
-            self._write(done=True, history=_plain(history.history), stages=history.stages)
+    def finish(self, model, history):
+        """Saves `model.keras` (the final, restored-best weights), then marks the run done."""
+        if not self.directory:
+            return
+        tmp = self.path(f".{_MODEL_FILE}.{os.getpid()}.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, self.path(_MODEL_FILE))
+        self.data.pop("failed", None)
+        self._write(done=True, history=_plain(history.history), stages=history.stages)
+
+    def fail(self, stage, start_epoch):
+        """Marks the run failed in `stage`: a rerun starts that stage again."""
+        if not self.directory:
+            return
+        shutil.rmtree(self.path("backup", stage), ignore_errors=True)
+        _drop_rows(self.path("history.csv"), start_epoch)
+        if stage == "stage1":
+            self.data.pop("stage1_history", None)
+        self._write(failed={"stage": stage, "epoch": start_epoch}, done=False)
 
     def _write(self, **values):
         self.data.update(values)
-        tmp = self.path(_STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path(_STATE))
+        _lock.atomic_write_json(self.path(_STATE), self.data)
+
+
+def _drop_rows(path, start):
+    """Removes the epochs from `start` on from the CSV log."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < start]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
 
 
 def _plain(history):

@@ -1,0 +1,392 @@
+"""`FineTuner`: the fine-tuned model, its parts, its recipe and its stages.
+
+A `FineTuner` is a functional `keras.Model` (images in 0-255 ->
+preprocessing -> backbone -> head) that owns what a transfer-learning model
+must keep: its `backbone`, `preprocessing` and `head` layers, its `task`,
+`class_names`, `source` and `recipe` (optimizer, base rate or schedule, label
+smoothing, weight decay, freezing policy). All of it is in `get_config`, so
+`keras.models.load_model("m.keras")` (after `import tftransfer`) gives back a
+`FineTuner` that predicts, exports and trains on like the one saved.
+
+Its methods are the steps of fastai-style fine-tuning that `fine_tune`
+composes: `freeze(policy)`, `compile_stage(rate, layerwise_lr_decay=...)`,
+`head_model()` and `extract_features(images)` for the frozen-feature cache.
+
+Example:
+
+>>> model = build_finetuner("saved_models/digits_cnn.keras", num_classes=5)
+>>> model.freeze("top:1")
+>>> model.compile_stage(1e-4, layerwise_lr_decay=0.8)
+>>> model.fit(x, y, epochs=2)
+>>> model.save("m.keras")
+>>> keras.models.load_model("m.keras").class_names
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer import freezing, heads, optim
+from tftransfer.layers import ImagePreprocessing
+
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# What the model is fed: raw pixels, whatever the backbone's preprocessing.
+INPUT_RANGE = (0.0, 255.0)
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class FineTuner(keras.Model):
+    """A transfer-learning model: preprocessing, pretrained backbone, new head.
+
+    Most users get one from `build_finetuner`; the constructor takes the
+    parts themselves.
+
+    Args:
+        backbone: A `keras.Model` from images to features (see
+            `tftransfer.load_backbone`).
+        num_classes: Integer >= 1, the head's outputs.
+        task: `"classification"`, `"multi_label"` or `"regression"`.
+        preprocessing: The backbone's input preprocessing, an
+            `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
+            `"rescale:<scale>,<offset>"`).
+        hidden_units: Sequence of integers, ReLU layers in the head.
+        dropout: Float in [0, 1), dropout in the head.
+        regularizer: Optional Keras regularizer (or identifier) of the head's
+            kernels.
+        pooling: `"avg"` or `"max"` for backbones that output feature maps.
+        class_names: Optional list of `num_classes` strings.
+        source: Optional string, where the backbone came from.
+        recipe: Optional dict of training settings (see `recipe`).
+        dtype_policy: Optional `"float32"`, `"mixed_float16"` or
+            `"mixed_bfloat16"`; the head's output stays float32.
+        name: String, the model's name.
+        **kwargs: Passed to `keras.Model` (e.g. `trainable`).
+    """
+
+    def __init__(self, backbone, num_classes, *, task="classification", preprocessing="none",
+                 hidden_units=(), dropout=0.0, regularizer=None, pooling="avg",
+                 class_names=None, source=None, recipe=None, dtype_policy=None,
+                 name="finetuner", **kwargs):
+        num_classes = heads.check_num_classes(num_classes, task)
+        policy = _check_dtype_policy(dtype_policy)
+        if policy is not None:
+            _set_dtype_policy(backbone, policy)
+        # === Layers ===
+        preprocessing_layer = ImagePreprocessing(preprocessing, name="preprocessing")
+        backbone.name = "backbone"
+        head = heads.build_head(backbone.output_shape[1:], num_classes, task=task,
+                                hidden_units=tuple(hidden_units), dropout=dropout,
+                                regularizer=optim.get_regularizer(regularizer),
+                                pooling=pooling, dtype=policy)
+        # === Functional model ===
+        inputs = keras.Input(backbone.input_shape[1:], name="image")
+        outputs = head(backbone(preprocessing_layer(inputs)))
+        kwargs.pop("dtype", None)
+        super().__init__(inputs=inputs, outputs=outputs, name=name, dtype=policy, **kwargs)
+        # === Config ===
+        self._backbone, self._preprocessing, self._head = backbone, preprocessing_layer, head
+        self._task, self._num_classes = task, num_classes
+        self._head_config = {"hidden_units": [int(u) for u in hidden_units],
+                             "dropout": float(dropout), "pooling": pooling,
+                             "regularizer": _serialize(optim.get_regularizer(regularizer))}
+        self._class_names = None
+        self.class_names = class_names
+        self._source = source
+        self._recipe = dict(recipe or {})
+        if self._recipe.get("regularize_backbone") and regularizer is not None:
+            _regularize(backbone, optim.get_regularizer(regularizer))
+        self._dtype_policy_name = policy
+        self._warned_unit_range = False
+
+    # === Parts ===
+    @property
+    def backbone(self):
+        """The pretrained feature extractor (a `keras.Model`)."""
+        return self._backbone
+
+    @property
+    def preprocessing(self):
+        """The `ImagePreprocessing` layer that maps 0-255 pixels to the backbone's range."""
+        return self._preprocessing
+
+    @property
+    def head(self):
+        """The task head (a `keras.Sequential`, last layer `"predictions"`)."""
+        return self._head
+
+    @property
+    def task(self):
+        """`"classification"`, `"multi_label"` or `"regression"`."""
+        return self._task
+
+    @property
+    def num_classes(self):
+        """The number of outputs of the head."""
+        return self._num_classes
+
+    @property
+    def source(self):
+        """Where the backbone came from (a path, handle or application name)."""
+        return self._source
+
+    @property
+    def recipe(self):
+        """A copy of the training settings: `optimizer` (a serialized optimizer),
+        `learning_rate` (the base rate: a float or a serialized schedule),
+        `label_smoothing`, `weight_decay`, `optimizer_options`, `trainable`
+        (the freezing policy, None when it was a callable),
+        `freeze_batchnorm`, `regularize_backbone` and `jit_compile`."""
+        return dict(self._recipe)
+
+    @property
+    def class_names(self):
+        """The list of class (or label) names, or None."""
+        return None if self._class_names is None else list(self._class_names)
+
+    @class_names.setter
+    def class_names(self, names):
+        self._class_names = _check_class_names(names, self._num_classes)
+
+    @property
+    def input_range(self):
+        """`(low, high)` of the pixels the model takes: raw `(0, 255)`."""
+        return INPUT_RANGE
+
+    # === Stages ===
+    def freeze(self, policy="none", *, freeze_batchnorm=None):
+        """Sets which backbone layers train; the head always trains.
+
+        Args:
+            policy: A freezing policy: `"none"` (backbone frozen), `"all"`,
+                `"top:N"`, `"fraction:F"`, regexes or a callable.
+            freeze_batchnorm: Keep BatchNormalization in inference mode;
+                defaults to the recipe's (True).
+
+        Returns:
+            The number of backbone layers with weights left trainable.
+        """
+        if freeze_batchnorm is None:
+            freeze_batchnorm = self._recipe.get("freeze_batchnorm", True)
+        self._head.trainable = True
+        return freezing.apply(self._backbone, policy, freeze_batchnorm=freeze_batchnorm)
+
+    @property
+    def base_learning_rate(self):
+        """The recipe's rate: a float or a `LearningRateSchedule`."""
+        rate = self._recipe.get("learning_rate", 1e-3)
+        if isinstance(rate, dict) and "registered_name" in rate:  # a Keras-serialized schedule
+            return keras.saving.deserialize_keras_object(rate)
+        return optim.get_schedule(rate)
+
+    def stage_optimizer(self, learning_rate=None, *, layerwise_lr_decay=None):
+        """A fresh optimizer of the recipe's kind.
+
+        Args:
+            learning_rate: Float or schedule; defaults to the base rate.
+            layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
+                backbone layer from the top learns at `rate * decay**k`, the
+                head at `rate`.
+
+        Returns:
+            A `keras.optimizers.Optimizer` (serializable with its rates).
+        """
+        rate = self.base_learning_rate if learning_rate is None else learning_rate
+        multipliers = None
+        if layerwise_lr_decay is not None and layerwise_lr_decay != 1:
+            multipliers = self.layerwise_multipliers(layerwise_lr_decay)
+        return optim.make_optimizer(self._recipe.get("optimizer", "adam"), rate,
+                                    weight_decay=self._recipe.get("weight_decay"),
+                                    options=self._recipe.get("optimizer_options"),
+                                    lr_multipliers=multipliers)
+
+    def layerwise_multipliers(self, decay):
+        """`{variable path: decay**k}` for the trainable backbone layers, k=1 at the top."""
+        layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
+        multipliers = {}
+        for depth, layer in enumerate(reversed(layers), start=1):
+            for variable in layer.trainable_weights:
+                multipliers[variable.path] = float(decay) ** depth
+        return multipliers
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        """`keras.Model.compile` with `"auto"` defaults from the recipe and task.
+
+        An explicit optimizer becomes the recipe's: `fine_tune` builds its
+        stages from it.
+        """
+        if optimizer == "auto":
+            optimizer = self.stage_optimizer()
+        else:
+            optimizer = optim.get_optimizer(optimizer)
+            config = optimizer.get_config()
+            self._recipe.update(optimizer=keras.optimizers.serialize(optimizer),
+                                learning_rate=config["learning_rate"])
+        if loss == "auto":
+            loss = heads.auto_loss(self._task, self._num_classes,
+                                   self._recipe.get("label_smoothing", 0.0))
+        if metrics == "auto":
+            metrics = heads.auto_metrics(self._task, self._num_classes)
+        kwargs.setdefault("jit_compile", self._recipe.get("jit_compile", "auto"))
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Restores the compiled state of a saved model (optimizer, loss, metrics)."""
+        config = keras.saving.deserialize_keras_object(config)
+        super().compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def compile_stage(self, learning_rate=None, *, layerwise_lr_decay=None):
+        """Recompiles with a fresh optimizer for a training stage.
+
+        The loss and metrics stay as compiled (metrics are made anew); the
+        recipe does not change.
+
+        Args:
+            learning_rate: Float or schedule; defaults to the base rate.
+            layerwise_lr_decay: Optional float in (0, 1] (see `stage_optimizer`).
+        """
+        self._compile_like(self, self.stage_optimizer(learning_rate,
+                                                      layerwise_lr_decay=layerwise_lr_decay))
+
+    def head_model(self, learning_rate=None):
+        """The head as a compiled model on backbone features (sharing its weights).
+
+        Used to train stage 1 on cached features.
+        """
+        inputs = keras.Input(self._backbone.output_shape[1:], name="features")
+        model = keras.Model(inputs, self._head(inputs), name="head_model")
+        self._compile_like(model, self.stage_optimizer(learning_rate))
+        return model
+
+    def extract_features(self, images):
+        """The frozen backbone's features of a batch of 0-255 images (float32)."""
+        features = self._backbone(self._preprocessing(images), training=False)
+        return keras.ops.cast(features, "float32")
+
+    def _compile_like(self, target, optimizer):
+        compiled = self.get_compile_config() if self.compiled else {}
+        metrics = keras.saving.deserialize_keras_object(compiled.get("metrics"))
+        if metrics is None and not self.compiled:
+            metrics = heads.auto_metrics(self._task, self._num_classes)
+        loss = self.loss if self.compiled else heads.auto_loss(
+            self._task, self._num_classes, self._recipe.get("label_smoothing", 0.0))
+        keras.Model.compile(target, optimizer=optimizer, loss=loss, metrics=metrics,
+                            jit_compile=self._recipe.get("jit_compile", "auto"))
+        if not target.optimizer.built:  # Built while tracing, Keras would trace twice.
+            target.optimizer.build(target.trainable_variables)
+
+    # === Input checks ===
+    def warn_if_unit_range(self, images, argument="x"):
+        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model."""
+        if self._warned_unit_range or not _is_array(images):
+            return
+        array = np.asarray(images)
+        if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
+            self._warned_unit_range = True
+            warnings.warn(
+                f"`{argument}` looks like images scaled to [0, 1] (max {float(np.nanmax(array)):g}), "
+                f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
+                "scales them for the backbone). Multiply the images by 255.",
+                stacklevel=3,
+            )
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        self.warn_if_unit_range(x)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self.warn_if_unit_range(x)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        self.warn_if_unit_range(x)
+        return super().predict(x, *args, **kwargs)
+
+    # === Config ===
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self._backbone),
+            "num_classes": self._num_classes,
+            "task": self._task,
+            "preprocessing": self._preprocessing.mode,
+            **self._head_config,
+            "class_names": self.class_names,
+            "source": self._source,
+            "recipe": _plain(self._recipe),
+            "dtype_policy": self._dtype_policy_name,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(
+            config["backbone"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+def _check_dtype_policy(policy):
+    if policy is None:
+        return None
+    name = getattr(policy, "name", policy)
+    if name not in DTYPE_POLICIES:
+        raise ValueError(
+            f"`dtype_policy` must be None or one of {', '.join(DTYPE_POLICIES)}. "
+            f"Received: dtype_policy={policy!r}"
+        )
+    return None if name == "float32" else name
+
+
+def _set_dtype_policy(backbone, policy):
+    """Makes the backbone compute in `policy` (its variables stay float32)."""
+    for layer in freezing.leaf_layers(backbone) or [backbone]:
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.dtype_policy = policy
+
+
+def _regularize(backbone, regularizer):
+    """Puts `regularizer` on the backbone's kernels (kept by the recipe, not the layers)."""
+    for layer in freezing.leaf_layers(backbone):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None and hasattr(kernel, "regularizer"):
+            kernel.regularizer = regularizer
+
+
+def _check_class_names(names, num_classes):
+    if names is None:
+        return None
+    names = list(names) if not isinstance(names, str) else None
+    if names is None or len(names) != num_classes or not all(
+            isinstance(n, str) and n and "\n" not in n for n in names):
+        raise ValueError(
+            f"`class_names` must be a list of {num_classes} non-empty strings without "
+            f"newlines, one per output. Received: class_names={names!r}"
+        )
+    return names
+
+
+def _serialize(obj):
+    return None if obj is None else keras.saving.serialize_keras_object(obj)
+
+
+def _is_array(x):
+    return isinstance(x, np.ndarray) or (tf.is_tensor(x) and not isinstance(x, tf.RaggedTensor))
+
+
+def _plain(value):
+    """The recipe as JSON-able values (callables and objects by their config)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if hasattr(value, "get_config"):
+        return keras.saving.serialize_keras_object(value)
+    return None
