@@ -9,15 +9,18 @@ Example:
 __version__ = "0.1.0"
 
 from tftransfer.backbones import APPLICATIONS, load_backbone
+from tftransfer.export import export_for_serving
 from tftransfer.finetuner import build_finetuner
 from tftransfer.freezing import describe_trainable
 from tftransfer.layers import HubLayer, ImagePreprocessing
+from tftransfer.model import FineTuner
 from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
 from tftransfer.reports import evaluate_classifier, format_report
 from tftransfer.train import fine_tune
 
 __all__ = [
     "APPLICATIONS",
+    "FineTuner",
     "HubLayer",
     "ImagePreprocessing",
     "build_finetuner",
@@ -32,11 +35,3 @@ __all__ = [
     "load_backbone",
 ]
 
-
-def __getattr__(name):
-    # Imported on first use, so `python -m tftransfer.export` runs cleanly.
-    if name == "export_for_serving":
-        from tftransfer.export import export_for_serving
-
-        return export_for_serving
-    raise AttributeError(f"module 'tftransfer' has no attribute {name!r}")

@@ -17,16 +17,15 @@ converted to C channels and resized to HxW in the graph; REST clients send
 regression `values`. docs/serving.md has the tables and the serving recipes.
 
 Check an export: `python -m tftransfer.export verify DIR [--compare M.keras]`.
+The names and files of the contract live in `_contract.py`.
 """
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import uuid
 import warnings
@@ -36,21 +35,24 @@ import tensorflow as tf
 import keras
 
 import tftransfer
-
-TASKS = ("classification", "multi_label", "regression")
-EXTRA_FORMATS = ("keras", "tflite")
-DEFAULT_SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "serving_bytes"
-IMAGES_INPUT = "images"
-BYTES_INPUT = "image_bytes"
-LABELS_FILE = "labels.txt"
-METADATA_FILE = "tftransfer.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
-TFLITE_TOLERANCE = 1e-4
-COMPARE_TOLERANCE = 1e-5
-PRIMARY_OUTPUTS = ("probabilities", "scores", "values")
-_DECODABLE_CHANNELS = (1, 3, 4)
-
+from tftransfer.model import FineTuner
+from tftransfer.export._contract import (
+    BYTES_INPUT,
+    BYTES_SIGNATURE,
+    DECODABLE_CHANNELS,
+    DEFAULT_SIGNATURE,
+    EXTRA_FORMATS,
+    IMAGES_INPUT,
+    LABELS_FILE,
+    METADATA_FILE,
+    PRIMARY_OUTPUTS,
+    TASKS,
+    TFLITE_TOLERANCE,
+    WARMUP_FILE,
+    encode_png,
+    existing_versions,
+    sample_images,
+)
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
@@ -77,18 +79,19 @@ def export_for_serving(model, base_dir, *, version=None, class_names=None,
     """Writes `model` as version `version` of a TF Serving model directory.
 
     Args:
-        model: single-input, single-output `keras.Model` taking float32
-            [None, H, W, C] images in 0-255. May carry a dict
-            `model.tftransfer_info` (task, backbone, hyperparameters, ...).
+        model: a `FineTuner` (its task, class names, source, preprocessing
+            and recipe are used), or any single-input, single-output
+            `keras.Model` taking float32 [None, H, W, C] images in 0-255
+            (which may carry a dict `tftransfer_info`).
         base_dir: the model's directory (the one TF Serving's
             `--model_base_path` points to); created if missing.
         version: positive int; default one more than the highest version.
-        class_names: one name per output; default `tftransfer_info`'s
+        class_names: one name per output; default the model's
             `class_names`, else "0".."n-1".
         overwrite: replace an existing version (old files are renamed aside,
             the new ones renamed in, then the old ones deleted).
         task: "classification", "multi_label" or "regression"; default
-            `tftransfer_info["task"]`, else inferred from the last layer's
+            the model's task, else inferred from the last layer's
             activation (softmax, sigmoid, anything else).
         top_k: number of classes in `classes`/`scores`/`labels`
             (capped at the number of classes).
@@ -127,10 +130,20 @@ def export_for_serving(model, base_dir, *, version=None, class_names=None,
 # ----------------------------------------------------------------- arguments
 
 
+def model_info(model):
+    """What a model says of itself: a `FineTuner`'s task, class names, source,
+    preprocessing and recipe; for another model, its `tftransfer_info` dict."""
+    if isinstance(model, FineTuner):
+        return {"task": model.task, "class_names": model.class_names,
+                "backbone": model.source, "preprocessing": model.preprocessing.mode,
+                "hyperparameters": model.recipe}
+    return dict(getattr(model, "tftransfer_info", None) or {})
+
+
 def _make_spec(model, class_names, task, top_k):
     """Checks the model and arguments; returns the `_Spec`."""
     input_shape, output_shape = _model_shapes(model)
-    info = getattr(model, "tftransfer_info", None) or {}
+    info = model_info(model)
     task = task or info.get("task") or _infer_task(model)
     if task not in TASKS:
         expected = f"must be one of {TASKS} (or None to infer it)"
@@ -193,15 +206,6 @@ def _check_extra_formats(extra_formats):
     return formats
 
 
-def existing_versions(base_dir):
-    """Sorted integer version numbers of the subdirectories of `base_dir`."""
-    base = pathlib.Path(base_dir)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir()
-                  if p.is_dir() and p.name.isascii() and p.name.isdigit())
-
-
 def _resolve_version(base, version):
     if version is None:
         return max(existing_versions(base), default=0) + 1
@@ -254,7 +258,7 @@ def _save_savedmodel(model, spec, path):
 
     archive.add_endpoint(DEFAULT_SIGNATURE, serving_default, [image_spec])
     names = [DEFAULT_SIGNATURE]
-    if spec.input_shape[-1] in _DECODABLE_CHANNELS:
+    if spec.input_shape[-1] in DECODABLE_CHANNELS:
         bytes_spec = tf.TensorSpec((None,), tf.string, name=BYTES_INPUT)
         archive.add_endpoint(BYTES_SIGNATURE, serving_bytes, [bytes_spec])
         names.append(BYTES_SIGNATURE)
@@ -335,16 +339,6 @@ def _publish(tmp, final, overwrite):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _sample_images(shape, batch=1, seed=0):
-    """Deterministic random whole-number float32 images [batch, *shape]."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (batch, *shape)).astype("float32")
-
-
-def _encode_png(image):
-    return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
-
-
 def _write_warmup(path, spec, signatures):
     """Writes PredictionLog warmup records; returns how many (0 if skipped)."""
     try:
@@ -354,10 +348,10 @@ def _write_warmup(path, spec, signatures):
                       "requests written (pip install tensorflow-serving-api).")
         return 0
     shape = spec.input_shape
-    requests = [(DEFAULT_SIGNATURE, IMAGES_INPUT, _sample_images(shape, b, b))
+    requests = [(DEFAULT_SIGNATURE, IMAGES_INPUT, sample_images(shape, b, b))
                 for b in (1, 2)]
     if BYTES_SIGNATURE in signatures:
-        png = _encode_png(_sample_images(shape)[0])
+        png = encode_png(sample_images(shape)[0])
         requests.append((BYTES_SIGNATURE, BYTES_INPUT, np.array([png], object)))
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, key, value in requests:
@@ -387,7 +381,7 @@ def _write_tflite(path, model, spec):
         str(path), signature_keys=[DEFAULT_SIGNATURE])
     flatbuffer = converter.convert()
     (path / "assets.extra" / "model.tflite").write_bytes(flatbuffer)
-    images = _sample_images(spec.input_shape, batch=2)
+    images = sample_images(spec.input_shape, batch=2)
     with warnings.catch_warnings():  # tf.lite.Interpreter deprecation note
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(model_content=flatbuffer)
@@ -403,7 +397,7 @@ def _write_tflite(path, model, spec):
 
 def _metadata(model, spec, version, metadata, signatures, records, extras):
     """The content of assets.extra/tftransfer.json."""
-    info = dict(getattr(model, "tftransfer_info", None) or {})
+    info = model_info(model)
     user = dict(metadata or {})
     pick = lambda key: user.get(key, info.get(key))  # noqa: E731
     return {
@@ -427,57 +421,3 @@ def _metadata(model, spec, version, metadata, signatures, records, extras):
         "warmup_records": records,
         "extra_formats": extras,
     }
-
-
-_VERIFY_NAMES = ("VerifyError", "resolve_version_dir", "verify_export")
-
-
-def __getattr__(name):
-    # Verification lives in `export_verify`, which imports this module.
-    if name in _VERIFY_NAMES:
-        from tftransfer import export_verify
-
-        return getattr(export_verify, name)
-    raise AttributeError(f"module 'tftransfer.export' has no attribute {name!r}")
-
-def _parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m tftransfer.export",
-        description="Tools for SavedModels written by export_for_serving.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser(
-        "verify", help="load an export, run its signatures, check its files")
-    verify.add_argument("dir", help="version directory, or base directory "
-                        "(its highest version is checked)")
-    verify.add_argument("--compare", metavar="MODEL.keras",
-                        help="Keras model that serving_default must match")
-    verify.add_argument("--model-name", help="model name in the curl command")
-    return parser
-
-
-def main(argv=None):
-    """Command line entry point; returns 0 (good), 1 (problems), 2 (usage)."""
-    from tftransfer.export_verify import VerifyError, verify_export
-
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-        for path in (args.dir, args.compare):
-            if path is not None and not os.path.exists(path):
-                parser.error(f"no such file or directory: {path}")
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
-    try:
-        problems = verify_export(args.dir, compare=args.compare,
-                                 model_name=args.model_name)
-    except VerifyError as err:
-        problems = [str(err)]
-    for problem in problems:
-        print(f"FAIL: {problem}", file=sys.stderr)
-    if not problems:
-        print("OK: the export is ready for TF Serving")
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

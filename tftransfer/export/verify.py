@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.export import (
+from tftransfer.export._contract import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
     COMPARE_TOLERANCE,
@@ -20,9 +20,9 @@ from tftransfer.export import (
     METADATA_FILE,
     PRIMARY_OUTPUTS,
     WARMUP_FILE,
-    _encode_png,
-    _sample_images,
+    encode_png,
     existing_versions,
+    sample_images,
 )
 
 class VerifyError(Exception):
@@ -105,7 +105,7 @@ def _check_signatures(loaded, meta, out):
                 if name not in loaded.signatures]
     if DEFAULT_SIGNATURE not in loaded.signatures:
         return problems or [f"signature `{DEFAULT_SIGNATURE}` is missing"]
-    images = _sample_images(_image_shape(loaded), batch=2)
+    images = sample_images(_image_shape(loaded), batch=2)
     for name, fn in loaded.signatures.items():
         out(f"signature {name}:")
         inputs = fn.structured_input_signature[1]
@@ -131,7 +131,7 @@ def _image_shape(loaded):
 
 def _sample_inputs(inputs, images):
     """`images` as the signature wants them: floats, or PNG strings."""
-    return {key: tf.constant([_encode_png(i) for i in images])
+    return {key: tf.constant([encode_png(i) for i in images])
             if spec.dtype == tf.string else tf.constant(images, spec.dtype)
             for key, spec in inputs.items()}
 
@@ -166,8 +166,8 @@ def _check_bytes_path(loaded):
     """`serving_bytes` on PNGs must match `serving_default` on their pixels."""
     if BYTES_SIGNATURE not in loaded.signatures:
         return []
-    images = _sample_images(_image_shape(loaded), batch=2, seed=1)
-    pngs = tf.constant([_encode_png(i) for i in images])
+    images = sample_images(_image_shape(loaded), batch=2, seed=1)
+    pngs = tf.constant([encode_png(i) for i in images])
     got = _primary(loaded.signatures[BYTES_SIGNATURE](image_bytes=pngs))
     want = _primary(_call_default(loaded, images))
     diff = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
@@ -211,7 +211,7 @@ def _compare_keras(loaded, keras_path, out):
         model = keras.models.load_model(keras_path, compile=False)
     except Exception as err:  # noqa: BLE001
         return [f"cannot load {keras_path} with keras.models.load_model: {err}"]
-    images = _sample_images(_image_shape(loaded), batch=2, seed=2)
+    images = sample_images(_image_shape(loaded), batch=2, seed=2)
     want = np.asarray(model(images, training=False), np.float32)
     got = np.asarray(_primary(_call_default(loaded, images)))
     if got.shape != want.shape:
@@ -230,7 +230,7 @@ def _curl_command(vdir, loaded, model_name):
         return (f"REST request:\n  curl -d '{{\"instances\": [<H x W x C "
                 f"nested list of 0-255 floats>]}}' -X POST {url}")
     gray = np.full(_image_shape(loaded), 128, np.uint8)
-    b64 = base64.b64encode(_encode_png(gray)).decode()
+    b64 = base64.b64encode(encode_png(gray)).decode()
     body = json.dumps({"signature_name": BYTES_SIGNATURE,
                        "instances": [{BYTES_INPUT: {"b64": b64}}]})
     own = body.replace(b64, "'\"$(base64 -w0 image.jpg)\"'")

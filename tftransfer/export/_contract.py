@@ -1,0 +1,48 @@
+"""The serving contract of tftransfer exports: names, files and tolerances.
+
+The bottom module of `tftransfer.export`: the writer, `verify`, `predict` and
+the CLI all read these names from here, so they cannot drift apart.
+
+A version directory `<base_dir>/<N>/` holds the SavedModel, `assets/labels.txt`
+and, in `assets.extra/`, `tftransfer.json`, `tf_serving_warmup_requests` and the
+optional `model.keras` / `model.tflite`.
+"""
+
+import pathlib
+
+import numpy as np
+import tensorflow as tf
+
+TASKS = ("classification", "multi_label", "regression")
+EXTRA_FORMATS = ("keras", "tflite")
+DEFAULT_SIGNATURE = "serving_default"  # images: float32 [batch, H, W, C] in 0-255
+BYTES_SIGNATURE = "serving_bytes"  # image_bytes: string [batch], encoded images
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "tftransfer.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+TFLITE_TOLERANCE = 1e-4
+COMPARE_TOLERANCE = 1e-5
+PRIMARY_OUTPUTS = ("probabilities", "scores", "values")
+DECODABLE_CHANNELS = (1, 3, 4)
+
+
+def existing_versions(base_dir):
+    """Sorted integer version numbers of the subdirectories of `base_dir`."""
+    base = pathlib.Path(base_dir)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir()
+                  if p.is_dir() and p.name.isascii() and p.name.isdigit())
+
+
+def sample_images(shape, batch=1, seed=0):
+    """Deterministic random whole-number float32 images [batch, *shape]."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, *shape)).astype("float32")
+
+
+def encode_png(image):
+    """PNG bytes of a float 0-255 image [H, W, C]."""
+    return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
