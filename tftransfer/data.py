@@ -7,19 +7,25 @@ Example:
     >>> model.fit(data.train, validation_data=data.validation, class_weight=data.class_weight)
 """
 
+import atexit
 import collections
 import dataclasses
 import functools
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer import _folders, _images, _memory
+
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = _images.EXTENSIONS
+CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
                   "lanczos5", "mitchellcubic", "nearest")
 AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
@@ -31,9 +37,10 @@ AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
 }
 DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
 SHUFFLE_BUFFER = 1024  # bound for shuffle buffers that hold decoded images
-# Validated settings; cache is None (off), "" (memory) or a file prefix.
+_CHECK_BATCH = 64  # images per call of the Python check of a split's first pass
+# Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 _Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
-                               "cache augment interpolation validation_split")
+                               "cache augment interpolation validation_split budget")
 
 
 @dataclasses.dataclass
@@ -46,10 +53,18 @@ class ImageData:
         class_names / num_classes: Label ``i`` is ``class_names[i]``.
         image_size / channels: ``(height, width)`` and channels delivered.
         class_weight: ``{class_index: weight}`` for ``Model.fit``, or ``None``.
-        skipped: Files that could not be decoded (``from_directory``).
-        counts: ``{class_name: images}`` of the training split, or ``None``.
+        skipped: Files left out (``from_directory``): those the listing
+            finds not to be images, then, by the end of the first pass over
+            each split, those that failed to decode while reading.
+        counts: ``{class_name: images}`` of the training split, or ``None``
+            (files that fail to decode are taken out after the first pass).
         augmented: Whether ``train`` is augmented (a frozen-feature cache is
             only valid when it is not).
+        cache: Where resized images are cached: ``"memory"`` (as uint8), a
+            file prefix (``tf.data`` cache files), or ``None``.
+        cache_bytes: Size of the resized uint8 images of both splits, the
+            figure the ``cache="auto"`` decision compares to the budget
+            (``None`` when the number of images is unknown).
 
     Example:
         >>> data.class_names, data.counts, data.augmented
@@ -66,6 +81,8 @@ class ImageData:
     skipped: list[str] = dataclasses.field(default_factory=list)
     counts: dict[str, int] | None = None
     augmented: bool = False
+    cache: str | None = None
+    cache_bytes: int | None = None
 
 
 def _invalid(arg: str, expected: str, value) -> ValueError:
@@ -118,8 +135,17 @@ def _augment_layers(augment, seed: int) -> tuple:
         *AUGMENTATIONS[item][1], seed=seed + i, dtype="float32") for i, item in enumerate(items))
 
 
+def _check_cache(cache):
+    """``cache`` argument -> "auto" | "memory" | "disk" | None | file prefix."""
+    if cache in CACHE_MODES or isinstance(cache, (str, os.PathLike)) and os.fspath(cache):
+        return {True: "memory", False: None}.get(cache, cache) if cache in CACHE_MODES \
+            else os.fspath(cache)
+    raise _invalid("cache", "'auto' (memory when it fits the budget), 'memory' or True, "
+                   "'disk', a file path prefix, or False/None", cache)
+
+
 def _make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
-               augment, interpolation, validation_split=0.0, **_) -> _Spec:
+               augment, interpolation, validation_split=0.0, cache_budget=None, **_) -> _Spec:
     """Validates the arguments every loader shares (called with ``locals()``)."""
     size, channels = _resolve_shape(model, image_size, channels)
     if not _is_int(batch_size) or batch_size < 1:
@@ -128,15 +154,38 @@ def _make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
         raise _invalid("validation_split", "a float in [0, 1)", validation_split)
     if interpolation not in INTERPOLATIONS:
         raise _invalid("interpolation", f"one of {INTERPOLATIONS}", interpolation)
-    if cache is not None and not isinstance(cache, (bool, str)):
-        raise _invalid("cache", "True (memory), False, or a file path prefix", cache)
     if not _is_int(seed):
         raise _invalid("seed", "an int", seed)
-    cache = "" if cache is True else (cache or None)
-    if cache:
+    cache = _check_cache(cache)
+    if cache not in CACHE_MODES:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
     return _Spec(size, channels, int(batch_size), int(seed), bool(shuffle), cache,
-                 _augment_layers(augment, int(seed)), interpolation, float(validation_split))
+                 _augment_layers(augment, int(seed)), interpolation, float(validation_split),
+                 _memory.budget(cache_budget))
+
+
+def _disk_cache_prefix() -> str:
+    """A fresh temporary directory for ``cache="disk"``, removed at exit."""
+    folder = tempfile.mkdtemp(prefix="tftransfer-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "images")
+
+
+def _cache_plan(spec: _Spec, images: int | None) -> tuple[str | None, int | None]:
+    """``(cache, bytes)``: None (off), "" (memory) or a file prefix, and the
+    uint8 size of ``images`` resized images (``None`` if unknown)."""
+    nbytes = None if images is None else images * int(np.prod(spec.image_size)) * spec.channels
+    fits = nbytes is not None and nbytes <= spec.budget
+    if spec.cache == "memory" and nbytes is not None and not fits:
+        warnings.warn(f"cache='memory' keeps {images} resized images in memory: "
+                      f"{_memory.show(nbytes)} as uint8, over the cache budget of "
+                      f"{_memory.show(spec.budget)} (set by `cache_budget=` or "
+                      f"${_memory.ENV}). Use cache='auto' or 'disk' to stay in bounds.",
+                      stacklevel=4)
+    plan = {"auto": "" if fits else None, "memory": "", "disk": None, None: None}
+    if spec.cache == "disk":
+        return _disk_cache_prefix(), nbytes
+    return plan.get(spec.cache, spec.cache), nbytes
 
 
 def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
@@ -158,93 +207,95 @@ def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
     return {int(c): out[c] for c in range(k)}
 
 
-def _fit_image(image: tf.Tensor, have: int, spec: _Spec) -> tf.Tensor:
-    """``[h, w, have]`` -> float32 ``[H, W, C]`` in [0, 255] (gray <-> RGB(A), RGBA -> RGB)."""
-    image, want = tf.cast(image, tf.float32), spec.channels
-    image = image[..., None] if image.shape.rank == 2 else image
-    if have == 1 and want != 1:
-        image = tf.tile(image, [1, 1, want])
-    elif want == 1 and have in (3, 4):
-        image = tf.reduce_sum(image[..., :3] * [0.299, 0.587, 0.114], -1, keepdims=True)
-    elif (have, want) == (4, 3):
-        image = image[..., :3]
-    elif have != want:
-        ok = sorted({1, 3 if have == 4 else have, have}) if have in (3, 4) else [have]
-        raise _invalid("channels", f"one of {ok} for data with {have} channels", want)
-    image = tf.image.resize(image, spec.image_size, method=spec.interpolation)
-    return tf.clip_by_value(image, 0.0, 255.0)
-
-
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
-    """File -> uint8 ``[h, w, 3]`` (3 is the only ``channels`` all TF decoders accept)."""
-    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-
-
-def _augment_batch(images, labels, layers):
+def _to_float(images, labels, layers):
+    """uint8 batch -> float32, augmented by ``layers``, in [0, 255]."""
+    images = tf.cast(images, tf.float32)
     for layer in layers:
         images = layer(images, training=True)
-    return tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0), labels
+    if layers:
+        images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
+    return images, labels
 
 
-def _pipeline(elements, load, spec, *, train, size, cache_tag):
-    """shuffle -> load -> [cache -> shuffle] -> batch -> [augment] -> prefetch;
-    a cache freezes the order, so a second (bounded) shuffle follows it."""
+def _pipeline(elements, load, spec, *, train, size, cache, check=None):
+    """shuffle -> load (parallel, uint8) -> [drop unreadable] -> [cache -> shuffle]
+    -> batch -> float32 [-> augment] -> prefetch. A cache freezes the order, so a
+    second (bounded) shuffle follows it."""
     shuffle = train and spec.shuffle
     if shuffle:
         elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
-    ds = elements.map(load, num_parallel_calls=AUTOTUNE)  # keeps the cardinality known
-    if spec.cache is not None:  # the tag keeps stale cache files from reuse
-        ds = ds.cache(spec.cache and f"{spec.cache}-{cache_tag}")
+    ds = elements.map(load, num_parallel_calls=AUTOTUNE)
+    if check is not None:
+        ds = check.apply(ds)
+    if cache is not None:
+        ds = ds.cache(cache)
         if shuffle:
             ds = ds.shuffle(min(size, SHUFFLE_BUFFER), seed=spec.seed + 1)
-    ds = ds.batch(spec.batch_size)
-    if train and spec.augment:
-        ds = ds.map(lambda x, y: _augment_batch(x, y, spec.augment),
-                    num_parallel_calls=AUTOTUNE)
+    layers = spec.augment if train else ()
+    ds = ds.batch(spec.batch_size).map(lambda x, y: _to_float(x, y, layers),
+                                       num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
 def _fingerprint(spec: _Spec, *parts) -> str:
     """Hash of ``parts`` and of the settings that change cached images."""
-    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:]).encode())  # not augment
+    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:9]).encode())  # not augment
     for part in parts:
         digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
     return digest.hexdigest()[:12]
 
 
-def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key,
-           skipped=None) -> ImageData:
-    """ImageData from unbatched train/validation element datasets and ``load``."""
-    def make(ds, size, tag):
-        return _pipeline(ds, load, spec, train=tag == "train", size=size,
-                         cache_tag=f"{key}-{tag}")
+def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key, images,
+           skipped=None, checks=(None, None)) -> ImageData:
+    """ImageData from unbatched train/validation element datasets and ``load``;
+    ``images`` (both splits, or None) decides ``cache="auto"``."""
+    cache, nbytes = _cache_plan(spec, images)
 
-    return ImageData(
-        train=make(train, sizes[0], "train"), class_names=names, num_classes=len(names),
-        validation=None if val is None else make(val, sizes[1], "validation"),
-        image_size=spec.image_size, channels=spec.channels,
+    def make(ds, size, tag, check):
+        return _pipeline(ds, load, spec, train=tag == "train", size=size, check=check,
+                         cache=cache and f"{cache}-{key}-{tag}")
+
+    data = ImageData(
+        train=make(train, sizes[0], "train", checks[0]), class_names=names,
+        validation=None if val is None else make(val, sizes[1], "validation", checks[1]),
+        num_classes=len(names), image_size=spec.image_size, channels=spec.channels,
         class_weight=_class_weight(class_weight, names, counts),
         skipped=list(skipped or []), augmented=bool(spec.augment),
-        counts=None if counts is None else dict(zip(names, map(int, counts))))
+        counts=None if counts is None else dict(zip(names, map(int, counts))),
+        cache="memory" if cache == "" else cache, cache_bytes=nbytes)
+    for check in checks:
+        if check is not None:
+            check.data = data
+    return data
 
 
-def _indexed(spec, load, labels, names, class_weight, key, skipped=None) -> ImageData:
-    """ImageData of ``load(i)`` examples, stratified split (>= 1 train per class)."""
+def _split(labels, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded ``(train, validation)`` indices (>= 1 train per class)."""
     rng, train, val = np.random.default_rng(spec.seed), [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         k = min(int(len(idx) * spec.validation_split + 0.5), len(idx) - 1)
         val, train = val + list(idx[:k]), train + list(idx[k:])
-    train, val = np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(val, np.int64))
+    return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(val, np.int64))
+
+
+def _indexed(spec, load, labels, names, class_weight, key, skipped=None,
+             check=None) -> ImageData:
+    """ImageData of ``load(i)`` examples, stratified split; ``check(split, name)``
+    gives each split's ``_folders.ReadCheck``."""
+    train, val = _split(labels, spec)
     counts = np.bincount(labels[train], minlength=len(names))
     slices = tf.data.Dataset.from_tensor_slices
+    checks = (None, None) if check is None else (check(train, "train"),
+                                                 check(val, "validation"))
     return _build(spec, load, slices(train), slices(val) if spec.validation_split else None,
                   (max(len(train), 1), max(len(val), 1)), names=names, counts=counts,
-                  class_weight=class_weight, key=key, skipped=skipped)
+                  class_weight=class_weight, key=key, skipped=skipped, checks=checks,
+                  images=len(train) + (len(val) if spec.validation_split else 0))
 
 
-def _list_images(root) -> tuple[list[str], list[str], np.ndarray]:
-    """Returns ``(class_names, paths, labels)``; hidden folders are ignored."""
+def _list_images(root) -> _folders.Listing:
+    """The cheap listing of ``root``; warns once about the files it leaves out."""
     if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
         raise _invalid("path", "an existing directory with one subfolder per class", root)
     classes = sorted(e.name for e in os.scandir(root)
@@ -252,48 +303,32 @@ def _list_images(root) -> tuple[list[str], list[str], np.ndarray]:
     if not classes:
         raise _invalid("path", "a directory with one subfolder of images per class "
                        "(e.g. path/cat/1.jpg, path/dog/2.png)", root)
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for folder, subdirs, files in os.walk(os.path.join(root, name)):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            found = [os.path.join(folder, f) for f in sorted(files)
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
-            paths, labels = paths + found, labels + [label] * len(found)
-    return classes, paths, np.asarray(labels, np.int32)
-
-
-def _readable(paths, labels, class_names, root):
-    """Keeps files the training decoder reads (one parallel pass); warns once."""
-    ok, names = np.zeros(len(paths), bool), tf.constant(paths, tf.string)
-    ds = tf.data.Dataset.range(len(paths)).map(
-        lambda i: (i, tf.shape(_decode_file(names[i]))),
-        num_parallel_calls=AUTOTUNE, deterministic=False)
-    for index, _ in ds.ignore_errors().batch(1024).as_numpy_iterator():
-        ok[index] = True
-    bad = [p for p, good in zip(paths, ok) if not good]
-    if bad:
-        warnings.warn(f"Skipped {len(bad)} file(s) that could not be decoded as images: "
-                      f"{', '.join(bad[:5])}{', ...' * (len(bad) > 5)}. See "
-                      "ImageData.skipped for the full list.", stacklevel=3)
-    empty = [c for c, n in zip(class_names, np.bincount(labels[ok], minlength=len(class_names)))
-             if n == 0]
+    listing = _folders.list_images(root, classes)
+    message = _folders.listing_warning(listing.bad, listing.excluded)
+    if message:
+        warnings.warn(message, stacklevel=3)
+    counts = np.bincount(listing.labels, minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         raise _invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
-                       f"per class subfolder; none in {empty} ({len(bad)} undecodable "
+                       f"per class subfolder; none in {empty} ({len(listing.bad)} undecodable "
                        "file(s) skipped overall)", root)
-    return [p for p, good in zip(paths, ok) if good], labels[ok], bad
+    return listing
 
 
 def from_directory(path, *, model=None, image_size=None, channels=None,
                    batch_size=32, validation_split=0.2, seed=1337, shuffle=True,
-                   cache=True, augment=None, class_weight=None,
-                   interpolation="bilinear") -> ImageData:
+                   cache="auto", augment=None, class_weight=None,
+                   interpolation="bilinear", cache_budget=None) -> ImageData:
     """Loads ``path/<class_name>/**/<image>`` (one subfolder per class).
 
-    Files with an image extension (jpg, jpeg, png, bmp, gif; any case) are
-    decoded once up front, in parallel, with the training decoder; failures
-    (truncated, not an image) are left out, listed in ``skipped`` and reported
-    in one warning. Other files and hidden folders are ignored.
+    Listing reads no image: files with an image extension (jpg, jpeg, png,
+    bmp, gif, webp; any case) are kept when their first bytes are those of an
+    image. The others, and files that still fail to decode while reading
+    (truncated ones), are left out without stopping the epoch: they are named
+    in one warning each time (at listing, and at the end of the first pass
+    over each split) and in ``skipped``. Files with another extension are
+    counted in the listing's warning. Hidden files and folders are ignored.
 
     Args:
         path: Root directory; class names are its sorted subfolder names.
@@ -305,13 +340,20 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
             (stratified, seeded); 0 gives ``validation=None``.
         seed: Seed of the split, shuffling and augmentation.
         shuffle: Reshuffle the train split every epoch.
-        cache: ``True`` caches resized images in memory, a string to files
-            with that prefix, ``False`` decodes every epoch.
+        cache: Where resized images are kept after the first epoch, as
+            uint8: ``"auto"`` (default) in memory when both splits fit the
+            cache budget, else nowhere (decoded every epoch); ``"memory"``
+            or ``True`` in memory (warns above the budget); ``"disk"`` in a
+            temporary directory removed at exit; a string path prefix in
+            ``tf.data`` cache files there; ``False``/``None`` nowhere.
         augment: ``None``, ``True``/``"default"``, or a list of names from
             ``AUGMENTATIONS`` and/or keras layers; train split only.
         class_weight: ``None``, ``"balanced"`` (``n / (k * count_c)`` over
             the training split) or ``{class_index_or_name: weight}``.
         interpolation: ``tf.image.resize`` method.
+        cache_budget: Bytes (an int or ``"2GB"``-style string) or a share of
+            RAM (``"0.1"``) that an in-memory cache may use; defaults to
+            ``$TFTRANSFER_CACHE_BUDGET``, else 10% of RAM.
 
     Raises:
         ValueError: No directory, no class folder, a class without a readable
@@ -323,12 +365,20 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
         >>> images, labels = next(iter(data.train))  # float32 0-255, int32
     """
     spec = _make_spec(**locals())
-    class_names, paths, labels = _list_images(path)
-    paths, labels, skipped = _readable(paths, labels, class_names, path)
-    key = spec.cache and _fingerprint(spec, paths, [os.stat(p).st_mtime_ns for p in paths])
-    files, targets = tf.constant(paths, tf.string), tf.constant(labels)
-    load = lambda i: (_fit_image(_decode_file(files[i]), 3, spec), targets[i])  # noqa: E731
-    return _indexed(spec, load, labels, class_names, class_weight, key, skipped)
+    listing = _list_images(path)
+    key = spec.cache not in CACHE_MODES and _fingerprint(spec, listing.paths, listing.stamps)
+    files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
+    size, mode = spec.image_size, spec.interpolation
+
+    def load(i):
+        image = _images.decode(tf.io.read_file(files[i]), spec.channels, size, mode)
+        return tf.cast(image, tf.uint8), targets[i], i
+
+    def check(split, name):
+        return _folders.ReadCheck(listing.paths, listing.labels, split, name, _CHECK_BATCH)
+
+    return _indexed(spec, load, listing.labels, list(listing.classes), class_weight, key,
+                    listing.bad, check)
 
 
 def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -356,8 +406,8 @@ def _names_for(class_names, num_labels: int) -> list[str]:
 
 def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
                 channels=None, batch_size=32, validation_split=0.2, seed=1337,
-                shuffle=True, cache=True, augment=None, class_weight=None,
-                interpolation="bilinear") -> ImageData:
+                shuffle=True, cache="auto", augment=None, class_weight=None,
+                interpolation="bilinear", cache_budget=None) -> ImageData:
     """Builds pipelines from in-memory images ``x`` and integer labels ``y``.
 
     Args:
@@ -375,8 +425,8 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
     x, y = _check_arrays(x, y)
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _fingerprint(spec, x, y)
-    images, labels, have = tf.constant(x), tf.constant(y), x.shape[-1]
-    load = lambda i: (_fit_image(images[i], have, spec), labels[i])  # noqa: E731
+    images, labels = tf.constant(x), tf.constant(y)
+    load = lambda i: (_uint8(images[i], spec), labels[i])  # noqa: E731
     return _indexed(spec, load, y, class_names, class_weight, key)
 
 
@@ -398,19 +448,30 @@ def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
     return ds
 
 
-def _stream(spec, train, val, names, counts, class_weight, key) -> ImageData:
+def _uint8(image, spec):
+    """The shared resize/convert of ``_images``, as uint8 (exact: whole values)."""
+    fitted = _images.fit_image(image, spec.channels, spec.image_size, spec.interpolation)
+    return tf.cast(fitted, tf.uint8)
+
+
+def _num_images(*datasets) -> int | None:
+    """Elements of all ``datasets`` (None ones count 0), or None if unknown."""
+    sizes = [0 if ds is None else int(ds.cardinality()) for ds in datasets]
+    return None if min(sizes) < 0 else sum(sizes)
+
+
+def _stream(spec, train, val, names, counts, class_weight, key, images) -> ImageData:
     """ImageData for streamed ``(image, label)`` datasets (tf.data, TFDS)."""
-    shape = train.element_spec[0].shape
-    have = 1 if shape.rank == 2 else shape[-1]
-    load = lambda x, y: (_fit_image(x, have, spec), tf.cast(y, tf.int32))  # noqa: E731
+    load = lambda x, y: (_uint8(x, spec), tf.cast(y, tf.int32))  # noqa: E731
     return _build(spec, load, train, val, (SHUFFLE_BUFFER,) * 2, names=names,
-                  counts=counts, class_weight=class_weight, key=_fingerprint(spec, key))
+                  counts=counts, class_weight=class_weight, key=_fingerprint(spec, key),
+                  images=images)
 
 
 def from_dataset(ds, *, validation=None, class_names=None, model=None,
                  image_size=None, channels=None, batch_size=32, seed=1337,
-                 shuffle=True, cache=True, augment=None, class_weight=None,
-                 interpolation="bilinear") -> ImageData:
+                 shuffle=True, cache="auto", augment=None, class_weight=None,
+                 interpolation="bilinear", cache_budget=None) -> ImageData:
     """Resizes, batches and augments an existing ``(image, label)`` dataset.
 
     Args:
@@ -419,6 +480,9 @@ def from_dataset(ds, *, validation=None, class_names=None, model=None,
         class_names: Label names; if ``None`` (or for ``"balanced"`` class
             weights) one pass over ``ds`` counts the labels.
         **others: As in :func:`from_directory`; a file cache is keyed per call.
+            ``cache="auto"`` caches in memory only when the number of
+            elements is known (``ds.cardinality()``, or the label count
+            pass) and the resized images fit the budget.
 
     Example:
         >>> ds = tf.data.Dataset.from_tensor_slices((images, labels))
@@ -430,7 +494,11 @@ def from_dataset(ds, *, validation=None, class_names=None, model=None,
     count = class_names is None or class_weight == "balanced"
     counts = _count_labels(ds.map(lambda x, y: y), len(class_names or ())) if count else None
     names = _names_for(class_names, 0 if counts is None else len(counts))
-    return _stream(spec, ds, validation, names, counts, class_weight, (id(ds), os.getpid()))
+    images = _num_images(ds, validation)
+    if images is None and counts is not None and validation is None:
+        images = int(counts.sum())
+    return _stream(spec, ds, validation, names, counts, class_weight, (id(ds), os.getpid()),
+                   images)
 
 
 def _tfds_builder(name: str, data_dir, download: bool):
@@ -460,8 +528,8 @@ def _tfds_builder(name: str, data_dir, download: bool):
 
 def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
               download=False, model=None, image_size=None, channels=None,
-              batch_size=32, seed=1337, shuffle=True, cache=True, augment=None,
-              class_weight=None, interpolation="bilinear") -> ImageData:
+              batch_size=32, seed=1337, shuffle=True, cache="auto", augment=None,
+              class_weight=None, interpolation="bilinear", cache_budget=None) -> ImageData:
     """Reads a prepared TensorFlow Datasets image classification dataset.
 
     Args:
@@ -492,6 +560,7 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
     if class_weight == "balanced":
         labels = read(split=splits[0], decoders={image_key: tfds.decode.SkipDecoding()})
         counts = _count_labels(labels.map(lambda x, y: y), len(names))
-    return _stream(spec, read(split=splits[0], shuffle_files=spec.shuffle),
-                   read(split=splits[1]) if splits[1] else None, names, counts,
-                   class_weight, (name, str(builder.data_dir), splits))
+    train, val = (read(split=splits[0], shuffle_files=spec.shuffle),
+                  read(split=splits[1]) if splits[1] else None)
+    return _stream(spec, train, val, names, counts, class_weight,
+                   (name, str(builder.data_dir), splits), _num_images(train, val))

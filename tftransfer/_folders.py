@@ -1,0 +1,144 @@
+"""Image folders: a cheap listing, and the files that fail to decode while reading.
+
+Listing never decodes: a file is kept when its extension is an image one, it
+is not too small to be an image and its first bytes are those of a format
+``tf.io.decode_image`` reads. Files that pass that check and still fail to
+decode are dropped from the pipeline (``ignore_errors``) and named by a
+:class:`ReadCheck` at the end of the first full pass over their split.
+"""
+
+import collections
+import concurrent.futures
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from tftransfer import _images
+
+Listing = collections.namedtuple("Listing", "classes paths labels stamps bad excluded")
+_SHOWN = 5  # file names a warning shows before "..."
+
+
+def _head(path: str, size: int) -> bool:
+    """Whether a file is big enough and starts like an image."""
+    if size < _images.MIN_BYTES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _images.sniff(f.read(_images.MAGIC_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def _scan(folder: str):
+    """``(good paths, their (size, mtime), bad paths, Counter of left-out extensions)``."""
+    good, stamps, bad, excluded = [], [], [], collections.Counter()
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        extension = os.path.splitext(entry.name)[1].lower()
+        if extension not in _images.EXTENSIONS:
+            excluded[extension or "(none)"] += 1
+            continue
+        stat = entry.stat()
+        if _head(entry.path, stat.st_size):
+            good.append(entry.path)
+            stamps.append((stat.st_size, stat.st_mtime_ns))
+        else:
+            bad.append(entry.path)
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            more = _scan(entry.path)
+            good, stamps, bad = good + more[0], stamps + more[1], bad + more[2]
+            excluded.update(more[3])
+    return good, stamps, bad, excluded
+
+
+def list_images(root, classes) -> Listing:
+    """Lists ``root/<class>/**`` for each class, one thread per class folder."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, len(classes))) as pool:
+        scans = list(pool.map(_scan, [os.path.join(root, c) for c in classes]))
+    paths, stamps, labels, bad, excluded = [], [], [], [], collections.Counter()
+    for label, (good, stamp, broken, left_out) in enumerate(scans):
+        paths, stamps, bad = paths + good, stamps + stamp, bad + broken
+        labels += [label] * len(good)
+        excluded.update(left_out)
+    return Listing(classes, paths, np.asarray(labels, np.int32), stamps, bad, excluded)
+
+
+def _names(paths) -> str:
+    return ", ".join(paths[:_SHOWN]) + ", ..." * (len(paths) > _SHOWN)
+
+
+def listing_warning(bad, excluded) -> str | None:
+    """One message for the files a listing left out, or ``None``."""
+    parts = []
+    if bad:
+        parts.append(f"Skipped {len(bad)} file(s) that could not be decoded as images (empty, "
+                     f"or not JPEG/PNG/GIF/BMP/WebP by their first bytes): {_names(bad)}. "
+                     "See ImageData.skipped for the full list.")
+    if excluded:
+        counts = ", ".join(f"{ext}: {n}" for ext, n in sorted(excluded.items()))
+        parts.append(f"Left out {sum(excluded.values())} file(s) without an image extension "
+                     f"({counts}); images are read from {', '.join(_images.EXTENSIONS)}.")
+    return " ".join(parts) or None
+
+
+class ReadCheck:
+    """Names the files of one split that fail to decode during its first full pass.
+
+    ``apply`` drops the failing elements (``ignore_errors``) and, through a
+    Python call per ``batch`` elements, records the indices that came
+    through; an end marker after the last element triggers :meth:`finish`.
+
+    Args:
+        paths: All listed paths (the elements carry indices into it).
+        labels: Their integer labels.
+        split: Integer array, the indices of this split.
+        name: ``"train"`` or ``"validation"``.
+        batch: Elements per Python call.
+    """
+
+    def __init__(self, paths, labels, split, name, batch=64):
+        self.paths, self.labels, self.split = paths, labels, np.asarray(split)
+        self.name, self.batch = name, batch
+        self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
+
+    def apply(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """``(image, label, index)`` elements -> readable ``(image, label)`` ones."""
+        end = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+        end = tf.data.Dataset.from_tensors((*end[:2], tf.constant(-1, end[2].dtype)))
+        ds = ds.ignore_errors().concatenate(end).batch(self.batch)
+        return ds.map(self._record).unbatch()
+
+    def _record(self, images, labels, index):
+        keep = tf.py_function(self._seen, [index], tf.bool)
+        keep.set_shape(index.shape)
+        return tf.boolean_mask(images, keep), tf.boolean_mask(labels, keep)
+
+    def _seen(self, index):
+        index = index.numpy()
+        if not self.done:
+            self.seen[index[index >= 0]] = True
+            if (index < 0).any():
+                self.finish()
+        return index >= 0
+
+    def finish(self):
+        """Reports the split's files not seen in a full pass (once)."""
+        self.done = True
+        missing = [self.paths[i] for i in self.split[~self.seen[self.split]]]
+        if not missing:
+            return
+        if self.data is not None:
+            self.data.skipped.extend(missing)
+            if self.name == "train" and self.data.counts:
+                for i in self.split[~self.seen[self.split]]:
+                    label = self.data.class_names[self.labels[i]]
+                    self.data.counts[label] -= 1
+        warnings.warn(f"Skipped {len(missing)} file(s) of the {self.name} split that could "
+                      f"not be decoded as images while reading: {_names(missing)}. See "
+                      "ImageData.skipped for the full list.", stacklevel=2)

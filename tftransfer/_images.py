@@ -1,0 +1,116 @@
+"""The one image decode / channel conversion / resize used everywhere.
+
+Training (``tftransfer.data``), the ``serving_bytes`` export signature and
+prediction all turn encoded bytes into model input with :func:`decode`, and
+arrays with :func:`fit_image`, so an image gives the same pixels in all three.
+Pixels are float32 in ``[0, 255]``, rounded to whole values after resizing,
+so that a ``uint8`` cache of them is exact.
+
+Example:
+    >>> image = decode(tf.io.read_file("cat.webp"), channels=3, image_size=(224, 224))
+"""
+
+import tensorflow as tf
+
+# Formats `tf.io.decode_image` reads, by the first bytes of the file.
+EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
+          (b"GIF89a", "gif"), (b"BM", "bmp"))
+MAGIC_BYTES = 12  # enough to tell every format in `EXTENSIONS` apart
+MIN_BYTES = 26  # smaller than the smallest valid file of any of them (a 1x1 GIF)
+
+
+def sniff(head: bytes) -> str | None:
+    """The format of a file from its first ``MAGIC_BYTES`` bytes, or ``None``.
+
+    Example:
+        >>> sniff(b"\\x89PNG\\r\\n\\x1a\\n\\0\\0\\0\\r")
+        'png'
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """Converts a float ``[h, w, n]`` image (n in 1-4, maybe unknown) to ``channels``.
+
+    Gray is tiled to RGB, RGB becomes gray by ``tf.image.rgb_to_grayscale``,
+    alpha (n = 2 or 4) is dropped, or added as opaque 255 for ``channels=4``.
+    A known ``n`` equal to ``channels`` is returned as is (any ``n``).
+
+    Args:
+        image: Float tensor ``[h, w, n]``.
+        channels: Integer, 1, 3 or 4 (or ``n``).
+
+    Returns:
+        A float tensor ``[h, w, channels]``.
+    """
+    have = image.shape[-1]
+    if have == channels:
+        return image
+    if channels not in (1, 3, 4) or have not in (None, 1, 2, 3, 4):
+        allowed = sorted({1, 3, 4, have} - {None}) if have in (None, 1, 2, 3, 4) else [have]
+        raise ValueError(f"Invalid `channels`: expected one of {allowed} for images with "
+                         f"{have or '1-4'} channels. Received: channels={channels}")
+    n = tf.shape(image)[-1]
+    has_rgb = n >= 3
+    if channels == 1:
+        gray = tf.cond(has_rgb, lambda: tf.image.rgb_to_grayscale(image[..., :3]),
+                       lambda: image[..., :1])
+        return tf.ensure_shape(gray, (None, None, 1))
+    rgb = tf.cond(has_rgb, lambda: image[..., :3], lambda: tf.tile(image[..., :1], (1, 1, 3)))
+    if channels == 3:
+        return tf.ensure_shape(rgb, (None, None, 3))
+    alpha = tf.cond(tf.equal(n % 2, 0), lambda: image[..., -1:],
+                    lambda: tf.fill(tf.shape(image[..., :1]), tf.constant(255, image.dtype)))
+    return tf.ensure_shape(tf.concat([rgb, alpha], -1), (None, None, 4))
+
+
+def fit_image(image: tf.Tensor, channels: int, image_size, interpolation="bilinear"):
+    """``[h, w]`` or ``[h, w, n]`` pixels (any dtype, 0-255) -> float32 ``[H, W, C]``.
+
+    Resizes with ``tf.image.resize(method=interpolation)``, converts the
+    channels, clips to ``[0, 255]`` and rounds to whole values.
+
+    Args:
+        image: Image tensor; 2-D is one gray channel.
+        channels: Integer, channels of the result (see `convert_channels`).
+        image_size: ``(height, width)`` of the result.
+        interpolation: String, a ``tf.image.resize`` method. Defaults to
+            ``"bilinear"``.
+
+    Returns:
+        A float32 tensor ``[height, width, channels]`` of whole values 0-255.
+    """
+    image = tf.cast(image, tf.float32)
+    image = image[..., None] if image.shape.rank == 2 else image
+    image = tf.image.resize(image, image_size, method=interpolation)
+    image = convert_channels(image, channels)
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+
+
+def decode(image_bytes: tf.Tensor, channels: int, image_size, interpolation="bilinear"):
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes (a scalar string) -> model input.
+
+    The first frame of an animation is used; decoding is exact (no
+    approximate JPEG modes). Works eagerly, in ``tf.data.Dataset.map`` and in
+    a ``tf.function`` / ``tf.map_fn``. Raises ``InvalidArgumentError`` when
+    the bytes are not an image.
+
+    Args:
+        image_bytes: Scalar string tensor, the file's content.
+        channels: Integer, 1, 3 or 4.
+        image_size: ``(height, width)``.
+        interpolation: String, a ``tf.image.resize`` method. Defaults to
+            ``"bilinear"``.
+
+    Returns:
+        A float32 tensor ``[height, width, channels]`` of whole values 0-255.
+
+    Example:
+        >>> decode(tf.io.read_file("a.png"), 3, (224, 224)).shape
+        TensorShape([224, 224, 3])
+    """
+    image = tf.io.decode_image(image_bytes, channels=0, expand_animations=False)
+    return fit_image(image, channels, image_size, interpolation)
