@@ -15,6 +15,7 @@ from tftransfer.freezing import describe_trainable
 from tftransfer.layers import HubLayer, ImagePreprocessing
 from tftransfer.model import FineTuner
 from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
+from tftransfer.predict import predict
 from tftransfer.reports import evaluate_classifier, format_report
 from tftransfer.train import fine_tune
 
@@ -33,5 +34,6 @@ __all__ = [
     "get_regularizer",
     "get_schedule",
     "load_backbone",
+    "predict",
 ]
 

@@ -187,8 +187,19 @@ def load_discriminator(source, *, trainable="all", freeze_batchnorm=False):
     """
     model = source if isinstance(source, keras.Model) else keras.saving.load_model(
         source, compile=False)
-    freezing.apply(model.get_layer("backbone"), trainable, freeze_batchnorm=freeze_batchnorm)
+    freezing.apply(discriminator_backbone(model), trainable, freeze_batchnorm=freeze_batchnorm)
     return model
+
+
+def discriminator_backbone(discriminator):
+    """The pretrained backbone inside a discriminator: its nested model."""
+    for layer in discriminator.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(
+        "`discriminator` must come from `discriminator_from_backbone` (a model that holds its "
+        f"backbone as a nested model). Received: discriminator={discriminator.name!r}"
+    )
 
 
 def _d_loss(kind, real, fake):

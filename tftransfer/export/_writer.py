@@ -35,6 +35,7 @@ import tensorflow as tf
 import keras
 
 import tftransfer
+from tftransfer import _images
 from tftransfer.model import FineTuner
 from tftransfer.export._contract import (
     BYTES_INPUT,
@@ -284,39 +285,12 @@ def _serving_outputs(model, spec, images):
 
 
 def _decode_images(image_bytes, spec):
-    """Decodes a [batch] string tensor to float32 [batch, H, W, C], 0-255."""
+    """Decodes a [batch] string tensor to float32 [batch, H, W, C], 0-255,
+    with the decode that training and `tftransfer.predict` use."""
     height, width, channels = spec.input_shape
-
-    def decode_one(data):
-        image = tf.io.decode_image(data, channels=0, expand_animations=False)
-        image = _to_channels(tf.cast(image, tf.float32), channels)
-        return tf.image.resize(image, (height, width), method="bilinear")
-
     out = tf.TensorSpec(spec.input_shape, tf.float32)
-    return tf.map_fn(decode_one, image_bytes, fn_output_signature=out)
-
-
-def _to_channels(image, channels):
-    """Converts an [h, w, 1-4] float image to `channels` (1, 3 or 4).
-
-    Gray is replicated to RGB, RGB becomes gray by `rgb_to_grayscale`, alpha
-    is dropped or added as opaque 255. Decoding natively and converting here
-    works for every format (GIF only decodes to RGB, BMP not to gray, JPEG not
-    to RGBA).
-    """
-    n = tf.shape(image)[-1]
-    has_rgb = n >= 3
-    if channels == 1:
-        gray = tf.cond(has_rgb, lambda: tf.image.rgb_to_grayscale(image[..., :3]),
-                       lambda: image[..., :1])
-        return tf.ensure_shape(gray, (None, None, 1))
-    rgb = tf.cond(has_rgb, lambda: image[..., :3],
-                  lambda: tf.tile(image[..., :1], (1, 1, 3)))
-    if channels == 3:
-        return tf.ensure_shape(rgb, (None, None, 3))
-    alpha = tf.cond(tf.equal(n % 2, 0), lambda: image[..., -1:],
-                    lambda: tf.fill(tf.shape(image[..., :1]), 255.0))
-    return tf.ensure_shape(tf.concat([rgb, alpha], -1), (None, None, 4))
+    return tf.map_fn(lambda data: _images.decode(data, channels, (height, width)), image_bytes,
+                     fn_output_signature=out)
 
 
 def _publish(tmp, final, overwrite):

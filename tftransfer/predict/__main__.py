@@ -1,0 +1,76 @@
+"""`python -m tftransfer.predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--csv FILE]`.
+
+Prints a table (path, label, score, the other top-k labels); `--csv` also
+writes it to a file, which must not exist yet (unless `--overwrite`).
+Exit codes: 0 done, 2 bad arguments, model or images.
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m tftransfer.predict",
+        description="Predict labels for image files or folders with a tftransfer model.",
+        epilog="Exit codes: 0 done, 2 bad arguments, model or images.")
+    p.add_argument("model", help="a .keras file or a serving export directory")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--csv", metavar="FILE", help="also write the results to this CSV file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    return p
+
+
+def _rows(results, top_k):
+    header = ["path", "label", "score"] + (["top_k"] if top_k > 1 else [])
+    rows = []
+    for r in results:
+        row = [r.get("path", ""), "" if r["label"] is None else r["label"], f"{r['score']:.4f}"]
+        if top_k > 1:
+            row.append("; ".join(f"{label} {score:.4f}" for label, score in r["top_k"]))
+        rows.append(row)
+    return header, rows
+
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv=None):
+    """Runs the command; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 2
+    if args.csv and os.path.exists(args.csv) and not args.overwrite:
+        print(f"error: --csv file {args.csv!r} exists; pass --overwrite to replace it",
+              file=sys.stderr)
+        return 2
+    from tftransfer.predict import files_of, predict
+
+    try:
+        paths = [f for item in args.images for f in files_of(item)]
+        results = predict(args.model, paths, top_k=args.top_k, batch_size=args.batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    header, rows = _rows(results, args.top_k)
+    print(_table(header, rows))
+    if args.csv:
+        tmp = f"{args.csv}.tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows)
+        os.replace(tmp, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
