@@ -65,7 +65,7 @@ def test_bad_freezing_policy_error():
 def test_describe_trainable_table():
     model = build_finetuner(DIGITS, num_classes=5, trainable="top:1")
     lines = []
-    table = describe_trainable(model.get_layer("backbone"), print_fn=lines.append)
+    table = describe_trainable(model.backbone, print_fn=lines.append)
     assert lines == [table]
     rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[2:-2]}
     assert rows == {"conv1": "no", "bn1": "no", "conv2": "no", "bn2": "no",
@@ -77,7 +77,7 @@ def test_batchnorm_statistics_update_only_when_unfrozen(small_batch):
     x, y = small_batch
     for freeze_bn, expect_moved in ((True, False), (False, True)):
         model = build_finetuner(DIGITS, num_classes=5, trainable="all", freeze_batchnorm=freeze_bn)
-        bn = model.get_layer("backbone").get_layer("bn1")
+        bn = model.backbone.get_layer("bn1")
         before = np.array(bn.moving_mean)
         model.fit(x, y, epochs=1, verbose=0)
         assert (not np.allclose(before, np.array(bn.moving_mean))) == expect_moved
@@ -94,7 +94,7 @@ HEADS = [
 @pytest.mark.parametrize("task,n,activation,metric_names", HEADS)
 def test_heads_and_auto_metrics(task, n, activation, metric_names, small_batch):
     model = build_finetuner(DIGITS, num_classes=n, task=task, hidden_units=(16,), dropout=0.3)
-    out = model.get_layer("predictions")
+    out = model.head.get_layer("predictions")
     assert out.activation.__name__ == activation
     assert out.units == (n or 1)
     assert [layer.name for layer in model.layers[3:]] == [
@@ -170,7 +170,7 @@ SCHEDULES = [
 @pytest.mark.parametrize("schedule,values", SCHEDULES)
 def test_learning_rate_schedules(schedule, values):
     model = build_finetuner(DIGITS, num_classes=5, learning_rate=schedule)
-    lr = model.optimizer._learning_rate  # the schedule object
+    lr = model.base_learning_rate  # the schedule object
     for step, expected in values.items():
         assert float(lr(step)) == pytest.approx(expected, abs=1e-7)
 
@@ -181,12 +181,12 @@ def test_weight_decay_and_strategy_scope_build(small_batch):
     model = build_finetuner(str(SAVED / "digits_cnn_hub"), num_classes=5, trainable="all",
                             optimizer="adamw", weight_decay=1e-3, strategy=strategy)
     assert model.distribute_strategy is strategy
-    kernel = model.get_layer("predictions").kernel
+    kernel = model.head.get_layer("predictions").kernel
     assert isinstance(kernel.value, tf.distribute.DistributedValues)
-    before = weights_of(model.get_layer("backbone"))
+    before = weights_of(model.backbone)
     x, y = small_batch
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert changed(before, weights_of(model.get_layer("backbone")))
+    assert changed(before, weights_of(model.backbone))
 
 
 def test_serialization_round_trip_through_json():
@@ -214,9 +214,8 @@ def test_application_backbone_and_local_weights_file(tmp_path):
     reference.save_weights(path)
     backbone = load_backbone("mobilenet_v2", weights=str(path), input_shape=(32, 32, 3))
     model = build_finetuner(backbone, num_classes=3)  # keeps the recorded preprocessing
-    assert model.tftransfer_info["preprocessing"] == "tf"
-    assert model.get_layer("preprocessing").mode == "tf"
-    for a, b in zip(reference.weights, model.get_layer("backbone").weights):
+    assert model.preprocessing.mode == "tf"
+    for a, b in zip(reference.weights, model.backbone.weights):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
@@ -224,7 +223,7 @@ def test_output_layer_cut():
     backbone = load_backbone(DIGITS, output_layer="relu2")
     assert tuple(backbone.output_shape) == (None, 16, 16, 32)
     model = build_finetuner(DIGITS, num_classes=5, output_layer="relu2")
-    assert model.get_layer("head_pool") is not None
+    assert model.head.get_layer("head_pool") is not None
     with pytest.raises(ValueError, match=r"Did you mean 'relu2'.*Received: output_layer='relu_2'"):
         load_backbone(DIGITS, output_layer="relu_2")
 

@@ -23,12 +23,12 @@ def test_mirrored_trains_two_replicas_in_sync(small_batch):
     assert get_strategy("mirrored") is strategy  # one per process, reused by every trial
     model = build_finetuner(str(SAVED / "digits_cnn.keras"), num_classes=5, trainable="all",
                             strategy="mirrored")
-    kernel = model.get_layer("predictions").kernel.value
+    kernel = model.head.get_layer("predictions").kernel.value
     assert len(kernel.values) == 2
-    before = weights_of(model.get_layer("backbone"))
+    before = weights_of(model.backbone)
     x, y = small_batch
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert changed(before, weights_of(model.get_layer("backbone")))
+    assert changed(before, weights_of(model.backbone))
     np.testing.assert_array_equal(kernel.values[0].numpy(), kernel.values[1].numpy())
     # A second model on the same strategy, as the next search trial builds it.
     keras.backend.clear_session()
@@ -57,11 +57,11 @@ MULTI_WORKER = textwrap.dedent("""
     order = np.random.default_rng(0).permutation(len(y))[:192]
     x, y = x[order], y[order]
     model = build_finetuner(sys.argv[1], num_classes=5, learning_rate=0.03, strategy=strategy)
-    frozen = model.get_layer("backbone").get_weights()[0].copy()
+    frozen = model.backbone.get_weights()[0].copy()
     history = fine_tune(model, (x[:128], y[:128]), (x[128:], y[128:]), head_epochs=6,
                         fine_tune_epochs=1, unfreeze="all", batch_size=32, shuffle=False,
                         verbose=0, output_dir=sys.argv[2])
-    moved = float(np.abs(model.get_layer("backbone").get_weights()[0] - frozen).max())
+    moved = float(np.abs(model.backbone.get_weights()[0] - frozen).max())
     print("RESULT " + json.dumps({
         "replicas": strategy.num_replicas_in_sync, "moved": moved,
         "weights": [w.ravel()[:50].tolist() for w in model.get_weights()],

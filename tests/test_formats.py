@@ -52,7 +52,7 @@ def _fit_once(model, batch):
 def test_frozen_backbone_keeps_weights_and_bn_statistics(fmt, small_batch):
     _, name, extra, _ = fmt
     model = build_finetuner(_source(name), num_classes=5, trainable="none", **extra)
-    backbone, head = model.get_layer("backbone"), model.get_layer("predictions")
+    backbone, head = model.backbone, model.head.get_layer("predictions")
     before_backbone, before_head = weights_of(backbone), weights_of(head)
     assert len(before_backbone) > 0
     _fit_once(model, small_batch)
@@ -65,7 +65,7 @@ def test_trainable_all_changes_backbone(fmt, small_batch):
     _, name, extra, opaque = fmt
     model = build_finetuner(_source(name), num_classes=5, trainable="all",
                             freeze_batchnorm=False, **extra)
-    backbone = model.get_layer("backbone")
+    backbone = model.backbone
     before = weights_of(backbone)
     _fit_once(model, small_batch)
     moved = changed(before, weights_of(backbone))
@@ -84,7 +84,7 @@ def test_trainable_all_changes_backbone(fmt, small_batch):
 def test_top_1_trains_only_the_last_weighted_layer(fmt, small_batch):
     _, name, extra, opaque = fmt
     model = build_finetuner(_source(name), num_classes=5, trainable="top:1", **extra)
-    backbone = model.get_layer("backbone")
+    backbone = model.backbone
     before = weights_of(backbone)
     _fit_once(model, small_batch)
     moved = changed(before, weights_of(backbone))

@@ -11,6 +11,7 @@ from tftransfer.gan import (
     GAN,
     augment_with_generator,
     build_generator,
+    discriminator_backbone,
     discriminator_from_backbone,
     load_discriminator,
     sample,
@@ -49,7 +50,7 @@ def test_freezed_step_updates_generator_and_top_only(small_batch):
     discriminator = discriminator_from_backbone(DIGITS_CNN, trainable="top:2", num_classes=5)
     gan = GAN(generator, discriminator, seed=0)
     gan.compile()
-    backbone = discriminator.get_layer("backbone")
+    backbone = discriminator_backbone(discriminator)
     before_b, before_d, before_g = (weights_of(m) for m in (backbone, discriminator, generator))
     gan.fit(batches(x, y, 16), epochs=1, steps_per_epoch=1, verbose=0)
     bn3 = {f"bn3/{n}" for n in ("gamma", "beta", "moving_mean", "moving_variance")}
@@ -66,7 +67,7 @@ def test_freezed_top1_with_frozen_batchnorm(small_batch):
     discriminator = discriminator_from_backbone(DIGITS_CNN, trainable="top:1", freeze_batchnorm=True)
     gan = GAN(generator, discriminator, seed=0)
     gan.compile()
-    backbone = discriminator.get_layer("backbone")
+    backbone = discriminator_backbone(discriminator)
     before = weights_of(backbone)
     gan.fit(x[:16], batch_size=16, epochs=1, verbose=0)
     assert changed(before, weights_of(backbone)) == {"conv3/kernel"}
@@ -214,7 +215,7 @@ def test_discriminator_saves_and_reloads_with_a_new_freezing_policy(tmp_path, sm
     discriminator.save(path)
     reloaded = load_discriminator(str(path), trainable="top:1", freeze_batchnorm=True)
     np.testing.assert_allclose(reloaded([x[:4], y[:4]]), discriminator([x[:4], y[:4]]), atol=1e-5)
-    backbone = reloaded.get_layer("backbone")
+    backbone = reloaded.backbone
     assert [w.path for w in backbone.trainable_weights] == ["conv3/kernel"]
 
 

@@ -310,7 +310,7 @@ def test_settings_map_knobs_to_builder_and_fine_tune_arguments():
     assert (build["num_classes"], build["input_shape"]) == (3, [32, 32, 3])
     assert set(hp.values) == {"trainable", "hidden_units", "dropout"}
     model = build_finetuner(**{**build, "backbone": DIGITS})
-    assert model.get_layer("predictions").output.shape[-1] == 3
+    assert model.head.get_layer("predictions").output.shape[-1] == 3
 
 
 def test_seed_0_searches_the_same_values_every_run(tmp_path):

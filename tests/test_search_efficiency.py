@@ -62,7 +62,7 @@ def test_resumed_inside_stage_two_skips_stage_one(few_shot, monkeypatch):
 
     monkeypatch.setattr(train_module, "_extract_all", no_features)
     model = _model()
-    backbone, head = model.get_layer("backbone"), model.get_layer("predictions")
+    backbone, head = model.backbone, model.head.get_layer("predictions")
     before, head_before = weights_of(backbone), weights_of(head)
     epochs = _Epochs()
     history = fine_tune(model, train, val, head_epochs=2, fine_tune_epochs=3, initial_epoch=3,
@@ -133,7 +133,7 @@ def test_changed_backbone_weights_get_their_own_features(few_shot, tmp_path):
     _run_head(few_shot, feature_cache_dir=tmp_path)
     keras.utils.set_random_seed(0)
     model = _model()
-    conv = model.get_layer("backbone").get_layer("conv1")
+    conv = model.backbone.get_layer("conv1")
     conv.kernel.assign(conv.kernel * 1.5)  # as a stage 2 of an earlier trial would
     fine_tune(model, *few_shot, head_epochs=1, fine_tune_epochs=0, verbose=0,
               feature_cache_dir=tmp_path)

@@ -23,11 +23,11 @@ def test_tfhub_url_resolves_through_tfhub_cache_dir(tmp_path, monkeypatch, digit
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
     shutil.copytree(SAVED / "digits_cnn_hub", tmp_path / hashlib.sha1(HANDLE.encode()).hexdigest())
     model = build_finetuner(HANDLE, num_classes=5, trainable="all")
-    assert model.tftransfer_info["backbone"] == HANDLE
-    assert model.get_layer("backbone").get_layer("hub").get_config()["handle"] == HANDLE
+    assert model.source == HANDLE
+    assert model.backbone.get_layer("hub").get_config()["handle"] == HANDLE
     x = digits_target[0][:8]
     reference = keras.saving.load_model(SAVED / "digits_cnn.keras")
-    features = model.get_layer("backbone")(x)
+    features = model.backbone(x)
     np.testing.assert_allclose(features, reference(x), atol=1e-4)
 
 

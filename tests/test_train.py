@@ -11,7 +11,6 @@ import tensorflow as tf
 from conftest import SAVED, changed, weights_of
 from tftransfer import build_finetuner, evaluate_classifier, fine_tune, format_report
 from tftransfer.datasets import few_shot_split
-from tftransfer.train import layerwise_rates
 
 DIGITS = str(SAVED / "digits_cnn.keras")
 
@@ -51,7 +50,7 @@ def test_two_stages_beat_scratch_and_stage_one(few_shot):
 def test_stage_two_unfreezes_and_lowers_learning_rate(few_shot):
     train, val, _ = few_shot
     model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
-    backbone = model.get_layer("backbone")
+    backbone = model.backbone
     before = weights_of(backbone)
     history = fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, unfreeze="top:1",
                         verbose=0)
@@ -112,7 +111,7 @@ def test_cached_and_uncached_stage_one_reach_the_same_head(few_shot):
         model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
         fine_tune(model, train, val, head_epochs=5, fine_tune_epochs=0, cache_features=cache,
                   shuffle=False, early_stopping=None, verbose=0)
-        heads[cache] = model.get_layer("predictions").get_weights()
+        heads[cache] = model.head.get_layer("predictions").get_weights()
         keras.backend.clear_session()
     for cached, uncached in zip(heads[True], heads[False]):
         np.testing.assert_allclose(cached, uncached, atol=1e-5)
@@ -125,7 +124,7 @@ def test_layerwise_decay_updates_early_layers_less(few_shot):
     for decay in (None, 0.1):
         keras.utils.set_random_seed(0)
         model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
-        backbone = model.get_layer("backbone")
+        backbone = model.backbone
         fine_tune(model, train, head_epochs=1, fine_tune_epochs=0, verbose=0)
         before = {n: np.array(backbone.get_layer(n).kernel) for n in ("conv1", "conv3")}
         fine_tune(model, train, head_epochs=0, fine_tune_epochs=1, layerwise_lr_decay=decay,
@@ -138,8 +137,8 @@ def test_layerwise_decay_updates_early_layers_less(few_shot):
 
 
 def test_layerwise_rates_table():
-    backbone = build_finetuner(DIGITS, num_classes=5, trainable="all").get_layer("backbone")
-    rates = layerwise_rates(backbone, 1.0, 0.5)
+    model = build_finetuner(DIGITS, num_classes=5, trainable="all")
+    rates = model.layerwise_multipliers(0.5)
     by_layer = {path.split("/")[-2]: rate for path, rate in rates.items()}
     assert by_layer == {"conv3": 0.5, "conv2": 0.25, "conv1": 0.125}
 
@@ -212,7 +211,7 @@ def test_disk_feature_cache_matches_memory_cache(few_shot, tmp_path):
         model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
         fine_tune(model, train, val, head_epochs=3, fine_tune_epochs=0, cache_features=cache,
                   shuffle=False, early_stopping=None, verbose=0, output_dir=tmp_path / str(cache))
-        heads[cache] = model.get_layer("predictions").get_weights()[0]
+        heads[cache] = model.head.get_layer("predictions").get_weights()[0]
         keras.backend.clear_session()
     assert sorted(os.listdir(tmp_path / "disk" / "feature_cache"))[:2] == ["train.data-00000-of-00001",
                                                                           "train.index"]
