@@ -97,7 +97,7 @@ def test_heads_and_auto_metrics(task, n, activation, metric_names, small_batch):
     out = model.head.get_layer("predictions")
     assert out.activation.__name__ == activation
     assert out.units == (n or 1)
-    assert [layer.name for layer in model.layers[3:]] == [
+    assert [layer.name for layer in model.head.layers] == [
         "head_dropout_0", "head_dense_0", "head_dropout", "predictions"]
     x, labels = small_batch
     y = {"classification": labels, "multi_label": np.eye(4)[labels % 4],

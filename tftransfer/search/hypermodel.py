@@ -194,8 +194,11 @@ class FineTuneHyperModel(kt.HyperModel):
         settings["feature_cache_dir"] = self.feature_cache_dir or _features_dir(callbacks)
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
-        history = fine_tune(model, train, validation, callbacks=callbacks,  # enters the
-                            verbose=verbose, **settings)                     # model's strategy
+        try:  # fine_tune enters the model's strategy
+            history = fine_tune(model, train, validation, callbacks=callbacks, verbose=verbose,
+                                **settings)
+        except FloatingPointError as e:  # NaN loss: this trial fails, the search goes on
+            raise kt.errors.FailedTrialError(str(e)) from None
         self.last_fit = {"replicas": model.distribute_strategy.num_replicas_in_sync,
                          "global_batch_size": settings["batch_size"]}
         _check_finite(history)
