@@ -2,7 +2,7 @@
 
 import keras
 
-from tftransfer import freezing, heads, optim
+from tftransfer import _checks, freezing, heads, optim
 from tftransfer.backbones import load_backbone
 from tftransfer.distribute import prepare_model, scope
 from tftransfer.layers import ImagePreprocessing
@@ -34,7 +34,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
             `"all"`, `"top:N"`, `"fraction:F"`, a regex or list of regexes on
             layer names, or a callable `layer -> bool`.
         dropout: Float in [0, 1), dropout in the head. Defaults to `0.0`.
-        hidden_units: Sequence of integers, ReLU layers in the head.
+        hidden_units: Integer or sequence of integers, ReLU layers in the
+            head (`64` means `(64,)`).
         regularizer: `"l1:1e-4"`, `"l2:1e-4"`, `"l1_l2:1e-5,1e-4"`, a Keras
             regularizer, or None; applied to the head's kernels (and the
             backbone's with `regularize_backbone=True`).
@@ -80,6 +81,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     ...                         trainable="top:1", dropout=0.2, regularizer="l2:1e-4")
     >>> model.fit(x, y, epochs=3)
     """
+    num_classes, hidden_units = _checks.finetuner_arguments(**locals())
     num_classes = heads.check_num_classes(num_classes, task)
     heads.TASKS.lookup(task)
     with scope(strategy):
