@@ -25,6 +25,20 @@ DIGITS = str(SAVED / "digits_cnn.keras")
 NAN = float("nan")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Overrides conftest's: a refused call builds nothing, so no session clearing per row
+    (it costs over a second a test); the session is cleared once, after the module."""
+    keras.utils.set_random_seed(0)
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_after_module():
+    yield
+    keras.backend.clear_session()
+
+
 @pytest.fixture(scope="module")
 def digits():
     """30 digits 0-2 as 32x32x3 images in 0-255, labels 0-2."""
