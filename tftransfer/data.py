@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _folders, _images, _memory
+from tftransfer import _checks, _folders, _images, _memory
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = _images.EXTENSIONS
@@ -421,6 +421,7 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         >>> (x, y), _ = keras.datasets.mnist.load_data()
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
     """
+    _checks.check_arrays(x, y, argument=("x", "y"))  # empty, lengths, NaN (first bad index)
     spec = _make_spec(**locals())
     x, y = _check_arrays(x, y)
     class_names = _names_for(class_names, int(y.max()) + 1)

@@ -2,7 +2,7 @@
 
 import keras
 
-from tftransfer import optim
+from tftransfer import _checks, heads, optim
 from tftransfer.backbones import load_backbone
 from tftransfer.distribute import prepare_model, scope
 from tftransfer.model import FineTuner
@@ -38,7 +38,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
             `"all"`, `"top:N"`, `"fraction:F"`, a regex or list of regexes on
             layer names, or a callable `layer -> bool`.
         dropout: Float in [0, 1), dropout in the head. Defaults to `0.0`.
-        hidden_units: Sequence of integers, ReLU layers in the head.
+        hidden_units: Integer or sequence of integers, ReLU layers in the
+            head (`64` means `(64,)`).
         regularizer: `"l1:1e-4"`, `"l2:1e-4"`, `"l1_l2:1e-5,1e-4"`, a Keras
             regularizer, or None; applied to the head's kernels (and the
             backbone's with `regularize_backbone=True`).
@@ -92,6 +93,9 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     """
     if num_classes is None and class_names is not None and not isinstance(class_names, str):
         num_classes = len(class_names)
+    num_classes, hidden_units = _checks.finetuner_arguments(**locals())
+    num_classes = heads.check_num_classes(num_classes, task)
+    heads.TASKS.lookup(task)
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,

@@ -2,7 +2,9 @@
 
 A policy is `"none"` (all frozen), `"all"`, `"top:N"` (the last N layers that
 have weights), `"fraction:F"` (the last F of them), a regex or a list of
-regexes matched against layer names, or a callable `layer -> bool`.
+regexes matched against layer names, or a callable `layer -> bool`. Keywords
+are matched case-insensitively (`"ALL"`, `"Top:1"`); a regex, list or callable
+that selects no layer with weights is refused, naming a few layers.
 
 BatchNormalization layers of a frozen part keep `trainable=False`, which in
 Keras 3 also runs them in inference mode: their moving statistics never change.
@@ -19,6 +21,8 @@ import re
 
 import keras
 
+from tftransfer._checks import few_names, invalid
+
 
 def leaf_layers(model):
     """Lists the layers of `model` that hold no other layers, depth first."""
@@ -31,12 +35,11 @@ def leaf_layers(model):
     return leaves
 
 
-def _top(count, spec):
+def _top(count, spec, argument="trainable"):
+    if count < 0:
+        raise invalid(argument, '"top:N" with N >= 0', spec)
+
     def policy(layers):
-        if count < 0:
-            raise ValueError(
-                f"`trainable` \"top:N\" needs N >= 0. Received: trainable={spec!r}"
-            )
         chosen = weighted_layers_of(layers)[-count:] if count else []
         return {id(layer) for layer in chosen}
 
@@ -47,11 +50,9 @@ def weighted_layers_of(layers):
     return [layer for layer in layers if layer.weights]
 
 
-def _fraction(value, spec):
+def _fraction(value, spec, argument="trainable"):
     if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"`trainable` \"fraction:F\" needs 0 <= F <= 1. Received: trainable={spec!r}"
-        )
+        raise invalid(argument, '"fraction:F" with F in [0, 1]', spec)
 
     def policy(layers):
         count = round(value * len(weighted_layers_of(layers)))
@@ -80,51 +81,92 @@ _KEYWORDS = {
     "none": lambda layers: set(),
     "all": lambda layers: {id(layer) for layer in layers},
 }
-_PREFIXES = {"top": lambda arg, spec: _top(int(arg), spec),
-             "fraction": lambda arg, spec: _fraction(float(arg), spec)}
+_PREFIXES = {"top": lambda arg, spec, argument: _top(int(arg), spec, argument),
+             "fraction": lambda arg, spec, argument: _fraction(float(arg), spec, argument)}
 
 
-def get_policy(trainable):
-    """Turns a `trainable` identifier into `policy(layers) -> set of ids`."""
+def get_policy(trainable, argument="trainable"):
+    """Turns a `trainable` identifier into `policy(layers) -> set of ids`.
+
+    Keywords and prefixes (`"ALL"`, `"Top:1"`) are matched case-insensitively.
+    """
     if isinstance(trainable, bool):
         trainable = "all" if trainable else "none"
     if callable(trainable):
         return _callable(trainable)
     if isinstance(trainable, (list, tuple)):
-        return _regexes(_check_regexes(trainable))
+        return _regexes(_check_regexes(trainable, argument))
     if not isinstance(trainable, str):
-        raise _policy_error(trainable)
-    if trainable in _KEYWORDS:
-        return _KEYWORDS[trainable]
-    prefix, sep, arg = trainable.partition(":")
+        raise _policy_error(trainable, argument)
+    keyword = trainable.strip().lower()
+    if keyword in _KEYWORDS:
+        return _KEYWORDS[keyword]
+    prefix, sep, arg = keyword.partition(":")
     if sep and prefix in _PREFIXES:
         try:
-            return _PREFIXES[prefix](arg, trainable)
+            return _PREFIXES[prefix](arg.strip(), trainable, argument)
         except ValueError as e:
             if "Received" in str(e):
                 raise
-            raise _policy_error(trainable) from None
-    return _regexes(_check_regexes([trainable]))
+            raise _policy_error(trainable, argument) from None
+    return _regexes(_check_regexes([trainable], argument))
 
 
-def _check_regexes(patterns):
+def _is_keyword(trainable):
+    """True for the policies that may select nothing on purpose ("none", "top:0", ...)."""
+    if isinstance(trainable, bool):
+        return True
+    if not isinstance(trainable, str):
+        return False
+    keyword = trainable.strip().lower()
+    return keyword in _KEYWORDS or keyword.partition(":")[0] in _PREFIXES
+
+
+def _check_regexes(patterns, argument="trainable"):
     for p in patterns:
         try:
             re.compile(p)
         except (re.error, TypeError):
-            raise _policy_error(patterns) from None
+            raise _policy_error(patterns, argument) from None
     return list(patterns)
 
 
-def _policy_error(received):
-    return ValueError(
-        '`trainable` must be "none", "all", "top:N", "fraction:F", a regex or '
-        "list of regexes on layer names, or a callable `layer -> bool`. "
-        f"Received: trainable={received!r}"
-    )
+def _policy_error(received, argument="trainable"):
+    return invalid(
+        argument, '"none", "all", "top:N", "fraction:F" (any case), a regex or list of '
+        "regexes on layer names, or a callable `layer -> bool`", received)
 
 
-def apply(backbone, trainable="none", freeze_batchnorm=True):
+def selection(backbone, trainable="none", freeze_batchnorm=True, argument="trainable"):
+    """The leaf layers of `backbone` that `trainable` makes trainable.
+
+    Raises:
+        ValueError: `trainable` is malformed, or a regex, list or callable
+            selects no layer with weights (the error lists a few names).
+
+    Returns:
+        `(layers, chosen)`: all leaf layers, and the set of ids chosen.
+    """
+    policy = get_policy(trainable, argument)
+    layers = leaf_layers(backbone) or [backbone]
+    candidates = [layer for layer in layers if not (freeze_batchnorm and _is_bn(layer))]
+    chosen = policy(candidates)
+    if not _is_keyword(trainable) and not any(id(c) in chosen for c in weighted_layers_of(candidates)):
+        frozen_bn = [layer for layer in layers if _is_bn(layer) and layer not in candidates]
+        raise _selects_nothing(trainable, argument, candidates, policy(frozen_bn))
+    return layers, chosen
+
+
+def _selects_nothing(trainable, argument, candidates, with_bn):
+    names = [layer.name for layer in weighted_layers_of(candidates)]
+    hint = ("It matches only BatchNormalization layers, kept frozen by "
+            "freeze_batchnorm=True." if with_bn else
+            f"Layers with weights: {few_names(names)}.")
+    return invalid(argument, "a policy that selects at least one backbone layer with "
+                   "weights (regexes are searched in layer names)", trainable, hint)
+
+
+def apply(backbone, trainable="none", freeze_batchnorm=True, argument="trainable"):
     """Sets `trainable` on every leaf layer of `backbone`.
 
     Args:
@@ -132,17 +174,20 @@ def apply(backbone, trainable="none", freeze_batchnorm=True):
         trainable: A freezing policy (see module docstring).
         freeze_batchnorm: Boolean, keep BatchNormalization layers frozen (in
             inference mode) even in the trainable part. Defaults to `True`.
+        argument: String, the argument named in errors (`"trainable"`,
+            `"unfreeze"`).
 
     `"top:N"` and `"fraction:F"` count the layers that may train: with
     `freeze_batchnorm=True`, BatchNormalization layers are not counted.
 
+    Raises:
+        ValueError: A malformed policy, or a regex, list or callable that
+            selects no layer with weights.
+
     Returns:
         The number of leaf layers left trainable that own weights.
     """
-    policy = get_policy(trainable)
-    layers = leaf_layers(backbone) or [backbone]
-    candidates = [layer for layer in layers if not (freeze_batchnorm and _is_bn(layer))]
-    chosen = policy(candidates)
+    layers, chosen = selection(backbone, trainable, freeze_batchnorm, argument)
     backbone.trainable = True  # Containers stay trainable; leaves decide.
     for layer in layers:
         layer.trainable = id(layer) in chosen

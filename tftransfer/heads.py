@@ -9,6 +9,7 @@
 
 import keras
 
+from tftransfer._checks import check_choice, check_int_sequence, check_probability, invalid, is_int
 from tftransfer._registry import Registry
 
 
@@ -81,16 +82,26 @@ TASKS = Registry(
 )
 
 
+POOLINGS = ("avg", "max")
+
+
 def check_num_classes(num_classes, task):
-    """Validates and defaults `num_classes` for `task`."""
+    """Validates and defaults `num_classes` for `task`; returns an `int`.
+
+    numpy integers are accepted. One class is refused for `"classification"`:
+    a softmax over one output is constantly 1.0 and learns nothing.
+    """
     if num_classes is None and task == "regression":
         return 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(
-            f"`num_classes` must be an integer >= 1 for task={task!r}. "
-            f"Received: num_classes={num_classes!r}"
-        )
-    return num_classes
+    if not is_int(num_classes) or num_classes < 1:
+        raise invalid("num_classes", f"an integer >= 1 (>= 2 for task='classification'), "
+                      f"here for task={task!r}", num_classes)
+    if task == "classification" and num_classes == 1:
+        raise invalid("num_classes", ">= 2 for task='classification' (a softmax over one class "
+                      "always outputs 1.0 and learns nothing)", num_classes,
+                      "For a binary problem use num_classes=2, or task=\"multi_label\" with "
+                      "num_classes=1 (one sigmoid output, labels 0/1 of shape [n, 1]).")
+    return int(num_classes)
 
 
 def build_head(feature_shape, num_classes, *, task="classification", hidden_units=(),
@@ -102,8 +113,8 @@ def build_head(feature_shape, num_classes, *, task="classification", hidden_unit
             axis, `(d,)` or `(h, w, c)` (pooled first).
         num_classes: Integer, number of classes / labels / regression values.
         task: String, `"classification"`, `"multi_label"` or `"regression"`.
-        hidden_units: Sequence of integers, widths of ReLU layers before the
-            output layer. Defaults to `()`.
+        hidden_units: Integer or sequence of integers, widths of ReLU layers
+            before the output layer (`64` means `(64,)`). Defaults to `()`.
         dropout: Float in [0, 1), dropout before each dense layer.
         regularizer: Optional Keras regularizer for the head's kernels.
         pooling: `"avg"` or `"max"`, how feature maps are pooled.
@@ -115,10 +126,12 @@ def build_head(feature_shape, num_classes, *, task="classification", hidden_unit
         `"predictions"`.
     """
     spec = TASKS.lookup(task)
-    _check_dropout(dropout)
+    num_classes = check_num_classes(num_classes, task)
+    check_probability(dropout, "dropout")
+    check_choice(pooling, "pooling", POOLINGS)
     layers = [keras.Input(tuple(feature_shape), name="features")]
     layers += _pool(feature_shape, pooling, dtype)
-    for i, units in enumerate(hidden_units):
+    for i, units in enumerate(check_int_sequence(hidden_units, "hidden_units")):
         layers += _dropout(dropout, f"head_dropout_{i}")
         layers.append(keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
                                          name=f"head_dense_{i}", dtype=dtype))
@@ -138,14 +151,7 @@ def _pool(feature_shape, pooling, dtype):
             f"got shape {(None, *feature_shape)}. Pass `output_layer=` to cut it elsewhere."
         )
     layers = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
-    if pooling not in layers:
-        raise ValueError(f'`pooling` must be "avg" or "max". Received: pooling={pooling!r}')
     return [layers[pooling](name="head_pool", dtype=dtype)]
-
-
-def _check_dropout(dropout):
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
 
 
 def _dropout(rate, name):
@@ -154,10 +160,7 @@ def _dropout(rate, name):
 
 def auto_loss(task, num_classes, label_smoothing=0.0):
     """The loss a head of `task` trains with."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(
-            f"`label_smoothing` must be in [0, 1). Received: label_smoothing={label_smoothing!r}"
-        )
+    label_smoothing = check_probability(label_smoothing, "label_smoothing")
     return TASKS.lookup(task)["loss"](num_classes, label_smoothing)
 
 

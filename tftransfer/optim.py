@@ -13,11 +13,13 @@ Example:
 >>> reg = get_regularizer("l1_l2:1e-5,1e-4")
 """
 
+import math
 import re
 import warnings
 
 import keras
 
+from tftransfer._checks import check_float, check_int, invalid, is_real
 from tftransfer._registry import Registry, check_config_dict
 
 # Variables that decoupled weight decay leaves alone.
@@ -187,7 +189,20 @@ def get_optimizer(identifier="adam", learning_rate=None, **kwargs):
     config.update(kwargs)
     if learning_rate is not None:
         config["learning_rate"] = learning_rate
+    _check_optimizer_numbers(config)
     return _construct(cls, config, "optimizer", identifier)
+
+
+# Optimizer arguments that must be finite and >= 0 when given as numbers.
+_NON_NEGATIVE = ("weight_decay", "momentum", "clipnorm", "clipvalue", "global_clipnorm", "epsilon")
+
+
+def _check_optimizer_numbers(config):
+    if is_real(config.get("learning_rate")):
+        check_float(config["learning_rate"], "learning_rate", low=0.0, low_open=True)
+    for name in _NON_NEGATIVE:
+        if config.get(name) is not None:
+            check_float(config[name], name, low=0.0)
 
 
 def _construct(cls, config, argument, name):
@@ -285,12 +300,8 @@ def get_schedule(identifier, learning_rate=1e-3):
     """
     if isinstance(identifier, keras.optimizers.schedules.LearningRateSchedule):
         return identifier
-    if isinstance(identifier, (int, float)) and not isinstance(identifier, bool):
-        if identifier <= 0:
-            raise ValueError(
-                f"`learning_rate` must be a positive float. Received: learning_rate={identifier}"
-            )
-        return float(identifier)
+    if is_real(identifier):
+        return check_float(identifier, "learning_rate", low=0.0, low_open=True)
     if isinstance(identifier, str):
         identifier = {"class_name": identifier}
     if not isinstance(identifier, dict):
@@ -306,7 +317,53 @@ def get_schedule(identifier, learning_rate=1e-3):
         return keras.optimizers.schedules.deserialize(identifier)
     make = _SCHEDULES.lookup(name)
     base = config.pop("learning_rate", learning_rate)
+    if not isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+        check_float(base, "learning_rate", low=0.0, low_open=True)
+    _check_schedule_config(config)
     return _construct(lambda **c: make(base, **c), config, "learning_rate", name)
+
+
+# Schedule arguments: name -> (kind, low, low_open, high).
+_SCHEDULE_ARGS = {
+    "decay_steps": ("int", 1, False, None), "first_decay_steps": ("int", 1, False, None),
+    "warmup_steps": ("int", 0, False, None), "alpha": ("float", 0.0, False, 1.0),
+    "decay_rate": ("float", 0.0, True, None), "t_mul": ("float", 0.0, True, None),
+    "m_mul": ("float", 0.0, True, None), "power": ("float", 0.0, True, None),
+    "end_learning_rate": ("float", 0.0, False, None),
+    "initial_learning_rate": ("float", 0.0, False, None),
+}
+
+
+def _check_schedule_config(config):
+    """Checks a schedule dict's numbers, named as `learning_rate.config.<key>`."""
+    for key, value in config.items():
+        if key in _SCHEDULE_ARGS:
+            kind, low, low_open, high = _SCHEDULE_ARGS[key]
+            argument = f"learning_rate.config.{key}"
+            if kind == "int":
+                check_int(value, argument, minimum=low)
+            else:
+                check_float(value, argument, low=low, low_open=low_open, high=high)
+    for key in ("values", "factors"):
+        if config.get(key) is not None:
+            _check_rates(config[key], f"learning_rate.config.{key}")
+    if config.get("boundaries") is not None:
+        _check_boundaries(config["boundaries"])
+
+
+def _check_rates(values, argument):
+    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        is_real(v) and math.isfinite(v) and v >= 0 for v in values)
+    if not ok:
+        raise invalid(argument, "a non-empty list of finite floats >= 0", values)
+
+
+def _check_boundaries(boundaries):
+    argument = "learning_rate.config.boundaries"
+    ok = isinstance(boundaries, (list, tuple)) and all(is_real(b) for b in boundaries) and all(
+        a < b for a, b in zip(boundaries, boundaries[1:]))
+    if not ok:
+        raise invalid(argument, "a list of increasing step numbers", boundaries)
 
 
 def _parse_factors(kind, text, count, spec):

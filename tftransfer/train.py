@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _feature_store, _lock, distribute, optim, reports
+from tftransfer import _checks, _feature_store, _lock, distribute, optim, reports
 from tftransfer.model import FineTuner
 
 _STATE = "fine_tune_state.json"
@@ -110,8 +110,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             marked failed (the same call retries it).
     """
     model = _check_model(model)
-    _check_epochs(head_epochs, fine_tune_epochs, lr_factor, layerwise_lr_decay)
-    _check_initial_epoch(initial_epoch, head_epochs + fine_tune_epochs)
+    _checks.fine_tune_arguments(**locals())
+    _checks.fine_tune_data(model, train, validation, class_weight)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
     data.adopt_class_names(model)
     data.warn_if_unit_range(model)
@@ -208,27 +208,6 @@ def _strategy_scope(model):
     if tf.distribute.get_strategy() is strategy:
         return contextlib.nullcontext()
     return strategy.scope()
-
-
-def _check_epochs(head_epochs, fine_tune_epochs, lr_factor, decay):
-    for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an integer >= 0. Received: {name}={value!r}")
-    if not 0 < lr_factor <= 1:
-        raise ValueError(f"`lr_factor` must be in (0, 1]. Received: lr_factor={lr_factor!r}")
-    if decay is not None and not 0 < decay <= 1:
-        raise ValueError(
-            f"`layerwise_lr_decay` must be None or in (0, 1]. Received: layerwise_lr_decay={decay!r}"
-        )
-
-
-def _check_initial_epoch(initial_epoch, total):
-    ok = not isinstance(initial_epoch, bool) and isinstance(initial_epoch, int)
-    if not ok or not 0 <= initial_epoch < max(1, total):
-        raise ValueError(
-            "`initial_epoch` must be an integer from 0 to head_epochs + fine_tune_epochs - 1 "
-            f"(here {max(1, total) - 1}). Received: initial_epoch={initial_epoch!r}"
-        )
 
 
 class _Data:
