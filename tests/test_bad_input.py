@@ -216,14 +216,14 @@ def test_refused_calls_left_the_model_untouched(models, untouched):
 ])
 def test_keyword_policies_ignore_case(policy, expected):
     model = build_finetuner(DIGITS, num_classes=3, trainable=policy)
-    assert [name for name, _, _, flag in trainable_rows(model.get_layer("backbone")) if flag] == expected
+    assert [name for name, _, _, flag in trainable_rows(model.backbone) if flag] == expected
 
 
 def test_numpy_integers_and_a_single_hidden_width_are_accepted(digits):
     model = build_finetuner(DIGITS, num_classes=np.int64(3), hidden_units=np.int32(16),
                             input_shape=(np.int64(32), 32, 3))
     assert model.output_shape == (None, 3)
-    assert model.get_layer("head_dense_0").units == 16
+    assert model.head.get_layer("head_dense_0").units == 16
     x, y = digits
     history = fine_tune(model, (x, y.astype("float64")), head_epochs=np.int64(1),
                         fine_tune_epochs=np.int64(0), batch_size=np.int64(10),
@@ -233,7 +233,7 @@ def test_numpy_integers_and_a_single_hidden_width_are_accepted(digits):
 
 def test_unfreeze_keyword_in_any_case_trains_the_top_layer_only(digits):
     model = build_finetuner(DIGITS, num_classes=3)
-    backbone = model.get_layer("backbone")
+    backbone = model.backbone
     before = weights_of(backbone)
     fine_tune(model, digits, head_epochs=0, fine_tune_epochs=1, unfreeze="Top:1", verbose=0,
               early_stopping=None, batch_size=10)

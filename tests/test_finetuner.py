@@ -47,7 +47,8 @@ def test_fine_tuned_model_reloads_with_everything(fmt, split, tmp_path):
     assert reloaded.recipe["weight_decay"] == 1e-4 and reloaded.recipe["label_smoothing"] == 0.1
     multipliers = reloaded.optimizer.get_config()["lr_multipliers"]
     assert multipliers == model.optimizer.get_config()["lr_multipliers"] != {}
-    assert set(multipliers) <= {v.path for v in reloaded.trainable_weights}
+    bound = reloaded.optimizer.multipliers_by_path
+    assert len(bound) == len(multipliers) and set(bound) <= {v.path for v in reloaded.weights}
     before_backbone, before_head = weights_of(reloaded.backbone), weights_of(reloaded.head)
     reloaded.fit(*train, batch_size=40, epochs=1, verbose=0)  # trains on
     assert changed(before_head, weights_of(reloaded.head))
@@ -93,6 +94,7 @@ def test_stage_methods_compose_fine_tuning(split):
     model.compile_stage(1e-3, layerwise_lr_decay=0.5)
     rates = model.optimizer.get_config()["lr_multipliers"]
     assert set(rates) == {"conv3/kernel", "conv3/bias"} and set(rates.values()) == {0.5}
+    assert set(model.optimizer.multipliers_by_path) == {"conv3/kernel", "conv3/bias"}
     head = model.head_model()
     features = model.extract_features(train[0])
     before = weights_of(model.head)

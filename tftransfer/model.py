@@ -202,13 +202,21 @@ class FineTuner(keras.Model):
                                     lr_multipliers=multipliers)
 
     def layerwise_multipliers(self, decay):
-        """`{variable path: decay**k}` for the trainable backbone layers, k=1 at the top."""
+        """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
+        k=1 at the top (the keys survive save and reload)."""
         layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
         multipliers = {}
         for depth, layer in enumerate(reversed(layers), start=1):
             for variable in layer.trainable_weights:
-                multipliers[variable.path] = float(decay) ** depth
+                multipliers[f"{layer.name}/{variable.name}"] = float(decay) ** depth
         return multipliers
+
+    def _bind(self, optimizer):
+        """Binds layer-wise rates (keyed by layer and variable name) to this model's variables."""
+        if hasattr(optimizer, "bind_variables"):
+            optimizer.bind_variables({f"{layer.name}/{v.name}": v
+                                      for layer in freezing.leaf_layers(self._backbone)
+                                      for v in layer.weights})
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """`keras.Model.compile` with `"auto"` defaults from the recipe and task.
@@ -230,11 +238,13 @@ class FineTuner(keras.Model):
             metrics = heads.auto_metrics(self._task, self._num_classes)
         kwargs.setdefault("jit_compile", self._recipe.get("jit_compile", "auto"))
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        self._bind(self.optimizer)
 
     def compile_from_config(self, config):
         """Restores the compiled state of a saved model (optimizer, loss, metrics)."""
         config = keras.saving.deserialize_keras_object(config)
         super().compile(**config)
+        self._bind(self.optimizer)
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -275,6 +285,7 @@ class FineTuner(keras.Model):
             self._task, self._num_classes, self._recipe.get("label_smoothing", 0.0))
         keras.Model.compile(target, optimizer=optimizer, loss=loss, metrics=metrics,
                             jit_compile=self._recipe.get("jit_compile", "auto"))
+        self._bind(target.optimizer)
         if not target.optimizer.built:  # Built while tracing, Keras would trace twice.
             target.optimizer.build(target.trainable_variables)
 

@@ -51,9 +51,14 @@ class _FineTuneOptimizer:
     after layer-wise fine-tuning reloads (default `safe_mode`) and trains on
     with the same rates.
 
+    Multipliers are keyed by `"<layer name>/<variable name>"`, which a saved
+    model keeps (variable paths may not survive a reload). A `FineTuner` binds
+    the keys to its variables when it compiles (`bind_variables`); an unbound
+    optimizer matches them against the ends of the variable paths.
+
     Args:
-        lr_multipliers: Optional dict `{variable path: factor}`; a variable
-            listed there is updated at `learning_rate * factor`.
+        lr_multipliers: Optional dict `{"<layer>/<variable>": factor}`; that
+            variable is updated at `learning_rate * factor`.
         no_decay: Optional list of variable-name substrings that decoupled
             weight decay leaves alone.
     """
@@ -62,22 +67,41 @@ class _FineTuneOptimizer:
         super().__init__(*args, **kwargs)
         self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
         self.no_decay = list(no_decay or [])
+        self._by_path = None
         if self.no_decay:
             self.exclude_from_weight_decay(var_names=self.no_decay)
 
+    @property
+    def multipliers_by_path(self):
+        """`{variable path: factor}` once bound or built, else None."""
+        return None if self._by_path is None else dict(self._by_path)
+
+    def bind_variables(self, variables_by_key):
+        """Binds the multipliers to variables: `{"<layer>/<variable>": Variable}`."""
+        self._by_path = {variables_by_key[k].path: f for k, f in self.lr_multipliers.items()
+                         if k in variables_by_key}
+        self._warn_unbound()
+
     def build(self, variables):
-        known = {v.path for v in variables}
-        missing = sorted(set(self.lr_multipliers) - known)
-        if missing and known:
-            warnings.warn(
-                f"{len(missing)} layer-wise learning rates name no variable of the model "
-                f"(e.g. {missing[0]!r}); those variables train at the base rate.",
-                stacklevel=2,
-            )
+        if self._by_path is None:
+            self._by_path = {}
+            for v in variables:
+                for key, factor in self.lr_multipliers.items():
+                    if v.path == key or v.path.endswith("/" + key):
+                        self._by_path[v.path] = factor
+            self._warn_unbound()
         super().build(variables)
 
+    def _warn_unbound(self):
+        missing = len(self.lr_multipliers) - len(self._by_path)
+        if missing > 0:
+            warnings.warn(
+                f"{missing} of {len(self.lr_multipliers)} layer-wise learning rates name no "
+                f"variable of the model (e.g. {sorted(self.lr_multipliers)[0]!r}); those "
+                "variables train at the base rate.", stacklevel=3)
+
     def update_step(self, gradient, variable, learning_rate):
-        factor = self.lr_multipliers.get(_path_of(variable))
+        factor = (self._by_path or {}).get(_path_of(variable))
         if factor is not None:
             learning_rate = learning_rate * factor
         return super().update_step(gradient, variable, learning_rate)
@@ -126,7 +150,7 @@ def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, 
         learning_rate: Float or schedule; None keeps the identifier's.
         weight_decay: Optional float >= 0.
         options: Optional dict of more constructor arguments.
-        lr_multipliers: Optional dict `{variable path: factor}`.
+        lr_multipliers: Optional dict `{"<layer>/<variable>": factor}`.
 
     Returns:
         A `keras.optimizers.Optimizer`.

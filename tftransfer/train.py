@@ -221,16 +221,17 @@ class _Data:
 
     @classmethod
     def of(cls, train, validation, class_weight, batch_size, shuffle):
-        augmented, names = False, None
+        augmented, names, image_data = False, None, None
         if hasattr(train, "train") and hasattr(train, "class_names"):  # ImageData
             validation = train.validation if validation is None else validation
             class_weight = train.class_weight if class_weight is None else class_weight
             augmented, names = bool(getattr(train, "augmented", False)), train.class_names
-            train = train.train
+            image_data, train = train, train.train
         data = cls(_dataset(train, batch_size, shuffle, "train"),
                    _dataset(validation, batch_size, False, "validation"), class_weight,
                    augmented, names, shuffle)
         data.arrays = train if isinstance(train, (tuple, list)) else None
+        data.image_data = image_data
         return data
 
     def adopt_class_names(self, model):
@@ -240,19 +241,28 @@ class _Data:
             model.class_names = self.class_names
 
     def warn_if_unit_range(self, model):
-        """Warns (once) when the images look like 0-1 data; peeks one batch of a dataset."""
+        """Warns (once) when the images look like 0-1 data; peeks one batch of a
+        dataset (not of an ImageData: tftransfer.data delivers 0-255)."""
         if self.arrays is not None:
             model.warn_if_unit_range(self.arrays[0], "train")
-            return
-        for batch in self.train.take(1):
-            model.warn_if_unit_range(np.asarray(batch[0]), "train")
+        elif self.image_data is None:
+            for batch in self.train.take(1):
+                model.warn_if_unit_range(np.asarray(batch[0]), "train")
 
     def fingerprint(self):
-        """A digest of the training data: its arrays' bytes, or a dataset's
-        element spec, size and first batch."""
+        """A digest of the training data: its arrays' bytes; an ImageData's
+        classes, counts, size and listing key; a dataset's element spec, size
+        and first batch."""
         h = hashlib.blake2b(digest_size=16)
-        parts = self.arrays if self.arrays is not None else [
-            np.asarray(t) for batch in self.train.take(1) for t in batch[:2]]
+        if self.image_data is not None:
+            d = self.image_data
+            h.update(repr((d.class_names, d.counts, d.image_size, d.channels,
+                           getattr(d, "fingerprint", None))).encode())
+            parts = []
+        elif self.arrays is not None:
+            parts = self.arrays
+        else:
+            parts = [np.asarray(t) for batch in self.train.take(1) for t in batch[:2]]
         h.update(repr(self.train.element_spec).encode())
         h.update(str(int(self.train.cardinality())).encode())
         for part in parts:
