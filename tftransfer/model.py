@@ -22,6 +22,7 @@ Example:
 >>> keras.models.load_model("m.keras").class_names
 """
 
+import copy
 import warnings
 
 import keras
@@ -229,8 +230,8 @@ class FineTuner(keras.Model):
         else:
             optimizer = optim.get_optimizer(optimizer)
             config = optimizer.get_config()
-            self._recipe.update(optimizer=keras.optimizers.serialize(optimizer),
-                                learning_rate=config["learning_rate"])
+            self._recipe.update({"optimizer": keras.optimizers.serialize(optimizer),
+                                 "learning_rate": config["learning_rate"]})
         if loss == "auto":
             loss = heads.auto_loss(self._task, self._num_classes,
                                    self._recipe.get("label_smoothing", 0.0))
@@ -334,7 +335,7 @@ class FineTuner(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = copy.deepcopy(config)  # Keras's deserialization consumes the dicts it reads
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"], custom_objects=custom_objects)
         return cls(**config)
