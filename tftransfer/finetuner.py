@@ -112,7 +112,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
                           source=getattr(base, "tftransfer_source", None), recipe=recipe,
                           dtype_policy=dtype_policy, name=name)
         model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
-        model.compile(loss=loss, metrics=metrics)
+        instance = optimizer if isinstance(optimizer, keras.optimizers.Optimizer) else "auto"
+        model.compile(optimizer=instance, loss=loss, metrics=metrics)  # an instance is used as is
     return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
 
 

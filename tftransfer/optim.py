@@ -148,7 +148,8 @@ def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, 
         identifier: Anything `get_optimizer` takes; an instance is copied
             through its config.
         learning_rate: Float or schedule; None keeps the identifier's.
-        weight_decay: Optional float >= 0.
+        weight_decay: Optional float >= 0; when given, biases and
+            normalization parameters are excluded from it.
         options: Optional dict of more constructor arguments.
         lr_multipliers: Optional dict `{"<layer>/<variable>": factor}`.
 
@@ -171,10 +172,9 @@ def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, 
         config["learning_rate"] = learning_rate
     if weight_decay is not None:
         config["weight_decay"] = weight_decay
-    decay = config.get("weight_decay")
-    if not (decay or lr_multipliers):
+    if not (weight_decay or lr_multipliers):  # an optimizer's own default decay stays as it is
         return cls.from_config(config)
-    config.update(lr_multipliers=lr_multipliers or {}, no_decay=NO_DECAY if decay else [])
+    config.update(lr_multipliers=lr_multipliers or {}, no_decay=NO_DECAY if weight_decay else [])
     return _fine_tune_class(cls).from_config(config)
 
 
