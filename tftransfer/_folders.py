@@ -93,6 +93,9 @@ class ReadCheck:
     ``apply`` drops the failing elements (``ignore_errors``) and, through a
     Python call per ``batch`` elements, records the indices that came
     through; an end marker after the last element triggers :meth:`finish`.
+    So that the split keeps its length (Keras knows the steps of an epoch),
+    each element dropped in a pass is replaced by a second copy of one of
+    the split's readable images, taken from its start, with its own label.
 
     Args:
         paths: All listed paths (the elements carry indices into it).
@@ -106,13 +109,20 @@ class ReadCheck:
         self.paths, self.labels, self.split = paths, labels, np.asarray(split)
         self.name, self.batch = name, batch
         self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
+        self.count = self.missing = 0
 
-    def apply(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-        """``(image, label, index)`` elements -> readable ``(image, label)`` ones."""
+    def apply(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
+        """``(image, label, index)`` elements from ``load(index)`` -> ``(image, label)``
+        ones, unreadable ones replaced; the cardinality is the split's size."""
         end = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
         end = tf.data.Dataset.from_tensors((*end[:2], tf.constant(-1, end[2].dtype)))
         ds = ds.ignore_errors().concatenate(end).batch(self.batch)
-        return ds.map(self._record).unbatch()
+        ds = ds.map(self._record).unbatch()
+        refill = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
+        refill = refill.map(lambda image, label, index: (image, label))
+        ds = ds.concatenate(tf.data.Dataset.range(1).flat_map(
+            lambda _: refill.take(tf.py_function(lambda: self.missing, [], tf.int64))))
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self.split)))
 
     def _record(self, images, labels, index):
         keep = tf.py_function(self._seen, [index], tf.bool)
@@ -121,9 +131,13 @@ class ReadCheck:
 
     def _seen(self, index):
         index = index.numpy()
+        good = index[index >= 0]
+        self.count += len(good)
         if not self.done:
-            self.seen[index[index >= 0]] = True
-            if (index < 0).any():
+            self.seen[good] = True
+        if len(good) < len(index):  # the end marker: a full pass
+            self.missing, self.count = len(self.split) - self.count, 0
+            if not self.done:
                 self.finish()
         return index >= 0
 

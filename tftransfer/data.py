@@ -226,7 +226,7 @@ def _pipeline(elements, load, spec, *, train, size, cache, check=None):
         elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
     ds = elements.map(load, num_parallel_calls=AUTOTUNE)
     if check is not None:
-        ds = check.apply(ds)
+        ds = check.apply(ds, load)
     if cache is not None:
         ds = ds.cache(cache)
         if shuffle:
