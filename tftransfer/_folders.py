@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tftransfer import _images
 
+_plain = tf.autograph.experimental.do_not_convert  # no AutoGraph needed: fast to build
 Listing = collections.namedtuple("Listing", "classes paths labels stamps bad excluded")
 _SHOWN = 5  # file names a warning shows before "..."
 
@@ -117,20 +118,23 @@ class ReadCheck:
         end = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
         end = tf.data.Dataset.from_tensors((*end[:2], tf.constant(-1, end[2].dtype)))
         ds = ds.ignore_errors().concatenate(end).batch(self.batch)
-        ds = ds.map(self._record).unbatch()
+        ds = ds.map(_plain(self._record)).unbatch()
         refill = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
-        refill = refill.map(lambda image, label, index: (image, label))
-        ds = ds.concatenate(tf.data.Dataset.range(1).flat_map(
-            lambda _: refill.take(tf.py_function(lambda: self.missing, [], tf.int64))))
+        refill = refill.map(_plain(lambda image, label, index: (image, label)))
+        ds = ds.concatenate(tf.data.Dataset.range(1).flat_map(_plain(
+            lambda _: refill.take(tf.numpy_function(self._missing, [], tf.int64, stateful=True)))))
         return ds.apply(tf.data.experimental.assert_cardinality(len(self.split)))
 
+    def _missing(self):
+        return np.int64(self.missing)
+
     def _record(self, images, labels, index):
-        keep = tf.py_function(self._seen, [index], tf.bool)
-        keep.set_shape(index.shape)
-        return tf.boolean_mask(images, keep), tf.boolean_mask(labels, keep)
+        rows = tf.numpy_function(self._seen, [index], tf.int64, stateful=True)
+        rows.set_shape([None])
+        return tf.gather(images, rows), tf.gather(labels, rows)
 
     def _seen(self, index):
-        index = index.numpy()
+        """Rows of real elements in a batch of indices (the end marker is -1)."""
         good = index[index >= 0]
         self.count += len(good)
         if not self.done:
@@ -139,7 +143,7 @@ class ReadCheck:
             self.missing, self.count = len(self.split) - self.count, 0
             if not self.done:
                 self.finish()
-        return index >= 0
+        return np.flatnonzero(index >= 0).astype(np.int64)
 
     def finish(self):
         """Reports the split's files not seen in a full pass (once)."""
