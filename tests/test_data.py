@@ -366,3 +366,108 @@ def test_model_and_array_errors():
         tfd.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], image_size=(4, 4), channels=2)
     with pytest.warns(UserWarning, match=r"raw \[0, 255\] pixels are expected"):
         tfd.from_arrays(np.full((2, 4, 4), 0.5), [0, 1], image_size=(4, 4))
+
+
+# ------------------------------------------------- scale: cache, formats, shared decode
+def test_cache_auto_follows_the_budget(folder, monkeypatch):
+    need = 37 * 16 * 16 * 3  # 36 readable + 1 repeat, as uint8
+    small, _ = _load(folder, cache_budget=need - 1, shuffle=False)
+    big, _ = _load(folder, cache_budget="1GB", shuffle=False)
+    assert (small.cache, small.cache_bytes) == (None, need)
+    assert (big.cache, big.cache_bytes) == ("memory", need)
+    for _ in range(2):  # the uint8 cache gives exactly the decoded pixels
+        np.testing.assert_array_equal(_epoch(big.train)[0], _epoch(small.train)[0])
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", str(need))
+    assert _load(folder)[0].cache == "memory"
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", "1KB")
+    assert _load(folder)[0].cache is None
+    x, y = _digits((10, 10, 10))
+    assert tfd.from_arrays(x, y, image_size=(8, 8), cache_budget="1KB").cache is None
+    assert tfd.from_arrays(x, y, image_size=(8, 8), cache_budget="1MB").cache == "memory"
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    assert tfd.from_dataset(ds, image_size=(8, 8)).cache is None  # over $TFTRANSFER_...
+    assert tfd.from_dataset(ds, image_size=(8, 8), cache_budget="1MB").cache == "memory"
+    unknown = ds.filter(lambda image, label: True)  # cardinality unknown: not in memory
+    assert tfd.from_dataset(unknown, image_size=(8, 8), class_names=list("abc"),
+                            cache_budget="1MB").cache is None
+
+
+def test_explicit_memory_cache_over_budget_warns_with_the_numbers(folder):
+    with pytest.warns(UserWarning, match=r"cache='memory' keeps 37 resized images in memory: "
+                      r"28.4 KB as uint8, over the cache budget of 1 KB"):
+        data = tfd.from_directory(folder, image_size=(16, 16), cache="memory",
+                                  cache_budget="1KB")
+    assert data.cache == "memory"
+
+
+def test_disk_cache_writes_files_and_gives_the_same_pixels(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        disk = tfd.from_directory(folder, image_size=(16, 16), cache="disk", shuffle=False)
+        plain = tfd.from_directory(folder, image_size=(16, 16), cache=False, shuffle=False)
+        np.testing.assert_array_equal(_epoch(disk.train)[0], _epoch(plain.train)[0])
+    assert any(name.endswith(".index") for name in os.listdir(os.path.dirname(disk.cache)))
+    np.testing.assert_array_equal(_epoch(disk.train)[0], _epoch(plain.train)[0])
+
+
+def test_webp_and_every_format_match_the_shared_decode(tmp_path):
+    """WebP loads; the pipeline feeds exactly what `_images.decode` gives serving."""
+    from tftransfer import _images
+
+    x, _ = _write_folder(tmp_path, n_per_class=(3, 3, 3), formats=("png", "jpg", "webp"))
+    rgba = np.dstack([np.repeat(x[0][..., None], 3, -1), np.full((16, 16), 200, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "one" / "rgba.webp", lossless=True)
+    for channels, size in ((3, (24, 20)), (4, (32, 32)), (1, (16, 16))):
+        data = tfd.from_directory(tmp_path, image_size=size, channels=channels,
+                                  validation_split=0, shuffle=False, cache=False)
+        images, _ = _epoch(data.train)
+        paths = sorted(str(p) for p in tmp_path.glob("*/*") if p.is_file())  # listing order
+        paths.sort(key=lambda p: SORTED.index(os.path.basename(os.path.dirname(p))))
+        expected = np.stack([_images.decode(tf.io.read_file(p), channels, size).numpy()
+                             for p in paths])
+        assert images.shape == (10, *size, channels) and not data.skipped
+        np.testing.assert_array_equal(images, expected)
+        if channels == 4:
+            assert (images[paths.index(str(tmp_path / "one" / "rgba.webp")), ..., 3] == 200).all()
+    webp = [i for i, p in enumerate(paths) if p.endswith("img_002.webp")][0]
+    assert np.abs(images[webp, ..., 0] - x[2]).mean() < 3  # lossy WebP of the digit itself
+
+
+def test_shared_decode_converts_channels_like_tensorflow():
+    from tftransfer import _images
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    png = tf.io.encode_png(rgb)
+    gray = _images.decode(png, 1, (6, 8)).numpy()
+    np.testing.assert_array_equal(gray, np.round(tf.image.rgb_to_grayscale(
+        rgb.astype(np.float32)).numpy()))
+    rgba = _images.decode(png, 4, (6, 8)).numpy()
+    np.testing.assert_array_equal(rgba[..., :3], rgb)
+    assert (rgba[..., 3] == 255).all()
+    served = tf.function(lambda b: tf.map_fn(lambda one: _images.decode(one, 3, (3, 4)), b,
+                                             fn_output_signature=tf.float32))
+    batch = served(tf.stack([png, png])).numpy()
+    np.testing.assert_array_equal(batch[0], _images.decode(png, 3, (3, 4)).numpy())
+
+
+def test_fine_tune_on_a_folder_larger_than_the_memory_budget(tmp_path, digits_target,
+                                                              monkeypatch):
+    from conftest import SAVED
+
+    from tftransfer import build_finetuner, fine_tune
+
+    x, y = digits_target
+    for i in range(200):
+        folder = tmp_path / f"digit_{y[i]}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(x[i].astype(np.uint8)).save(folder / f"{i:03d}.png")
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", "4KB")  # 200 images: 614 KB; features too
+    data = tfd.from_directory(tmp_path, image_size=(32, 32), batch_size=16, seed=0)
+    assert data.cache is None and data.cache_bytes == 200 * 32 * 32 * 3
+    model = build_finetuner(str(SAVED / "digits_cnn.keras"), num_classes=5, learning_rate=1e-2)
+    with pytest.warns(UserWarning, match="exceed the cache budget of 4 KB.*cached on disk"):
+        fine_tune(model, data, head_epochs=8, fine_tune_epochs=0, early_stopping=None,
+                  verbose=0)
+    images, labels = _epoch(data.validation)
+    accuracy = np.mean(np.argmax(model.predict(images, verbose=0), -1) == labels)
+    assert accuracy > 0.6  # chance: 0.2

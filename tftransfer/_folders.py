@@ -93,7 +93,8 @@ class ReadCheck:
 
     ``apply`` drops the failing elements (``ignore_errors``) and, through a
     Python call per ``batch`` elements, records the indices that came
-    through; an end marker after the last element triggers :meth:`finish`.
+    through; an end marker after the last element triggers :meth:`finish` (a begin
+    marker restarts the count of a pass).
     So that the split keeps its length (Keras knows the steps of an epoch),
     each element dropped in a pass is replaced by a second copy of one of
     the split's readable images, taken from its start, with its own label.
@@ -115,9 +116,10 @@ class ReadCheck:
     def apply(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
         """``(image, label, index)`` elements from ``load(index)`` -> ``(image, label)``
         ones, unreadable ones replaced; the cardinality is the split's size."""
-        end = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-        end = tf.data.Dataset.from_tensors((*end[:2], tf.constant(-1, end[2].dtype)))
-        ds = ds.ignore_errors().concatenate(end).batch(self.batch)
+        zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+        begin, end = (tf.data.Dataset.from_tensors((*zeros[:2], tf.constant(i, zeros[2].dtype)))
+                      for i in (-2, -1))  # markers of a pass, for the count of each pass
+        ds = begin.concatenate(ds.ignore_errors()).concatenate(end).batch(self.batch)
         ds = ds.map(_plain(self._record)).unbatch()
         refill = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
         refill = refill.map(_plain(lambda image, label, index: (image, label)))
@@ -136,11 +138,11 @@ class ReadCheck:
     def _seen(self, index):
         """Rows of real elements in a batch of indices (the end marker is -1)."""
         good = index[index >= 0]
-        self.count += len(good)
+        self.count = len(good) + (0 if (index == -2).any() else self.count)
         if not self.done:
             self.seen[good] = True
-        if len(good) < len(index):  # the end marker: a full pass
-            self.missing, self.count = len(self.split) - self.count, 0
+        if (index == -1).any():  # the end marker: a full pass
+            self.missing = max(0, len(self.split) - self.count)
             if not self.done:
                 self.finish()
         return np.flatnonzero(index >= 0).astype(np.int64)
