@@ -84,9 +84,13 @@ def test_directory_skips_broken_files_and_reports_once(folder):
     assert "truncated.png" in str(read[0].message)
     assert sorted(os.path.basename(p) for p in data.skipped) == [
         "notes.jpeg", "truncated.png", "x.png"]
-    assert len(y_train) + len(y_val) == 36  # every readable file, nothing else
+    # Every readable file, and the split keeps its length: the truncated file's
+    # place is taken by a second copy of a readable image of its split.
+    assert len(y_train) + len(y_val) == 37
+    assert len({a.tobytes() for a in np.concatenate([x_train, x_val])}) == 36
+    assert int(data.train.cardinality()) * 8 >= len(y_train) > int(data.train.cardinality() - 1) * 8
     assert set(y_train) == set(y_val) == {0, 1, 2}
-    assert data.counts == {name: int((y_train == i).sum()) for i, name in enumerate(SORTED)}
+    assert sum(data.counts.values()) + len(y_val) == 36  # readable files of the train split
     assert x_train.shape[1:] == (16, 16, 3) and x_train.dtype == np.float32
     assert y_train.dtype == np.int32
     assert 0.0 <= x_train.min() and x_train.max() <= 255.0 and x_train.max() > 200
@@ -114,10 +118,11 @@ def test_split_is_deterministic_disjoint_and_seeded(folder):
         d, _ = _load(folder, seed=seed, shuffle=False, validation_split=0.25)
         return _epoch(d.train)[0], _epoch(d.validation)[0]
 
-    (tr1, va1), (tr2, va2), (tr3, va3) = split(1), split(1), split(2)
+    (tr1, va1), (tr2, va2), (_, va3) = split(1), split(1), split(2)
     np.testing.assert_array_equal(va1, va2)
     np.testing.assert_array_equal(tr1, tr2)
-    assert len(va1) == 9 and len(tr1) == 27  # round(12 * 0.25) = 3 per class
+    # round(12 * 0.25) = 3 per class; 28 = 27 + a repeat in place of truncated.png
+    assert len(va1) == 9 and len(tr1) == 28
     train_set = {a.tobytes() for a in tr1}
     assert not train_set & {a.tobytes() for a in va1}
     assert {a.tobytes() for a in va1} != {a.tobytes() for a in va3}
@@ -126,7 +131,7 @@ def test_split_is_deterministic_disjoint_and_seeded(folder):
 @pytest.mark.parametrize("cache", [True, False])
 def test_shuffle_changes_order_between_epochs_not_content(folder, cache):
     data, _ = _load(folder, batch_size=36, validation_split=0, cache=cache)
-    (x1, y1), (x2, y2) = _epoch(data.train), _epoch(data.train)
+    (x1, _), (x2, _) = _epoch(data.train), _epoch(data.train)
     assert not np.array_equal(x1, x2)
     assert sorted(a.tobytes() for a in x1) == sorted(a.tobytes() for a in x2)
 
@@ -179,8 +184,7 @@ def test_keras_fit_consumes_pipeline(folder):
     model.compile("adam", "sparse_categorical_crossentropy")
     data, _ = _load(folder, model=model, image_size=None, batch_size=8,
                     class_weight="balanced", augment="default")
-    # Unknown cardinality (files failing to decode are dropped while reading): 4 batches
-    assert sum(1 for _ in data.train) == 4  # of 30 train images (29 readable)
+    assert int(data.train.cardinality()) == 4  # 30 train images, known to Keras
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = model.fit(data.train, validation_data=data.validation, epochs=2,
@@ -362,3 +366,108 @@ def test_model_and_array_errors():
         tfd.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], image_size=(4, 4), channels=2)
     with pytest.warns(UserWarning, match=r"raw \[0, 255\] pixels are expected"):
         tfd.from_arrays(np.full((2, 4, 4), 0.5), [0, 1], image_size=(4, 4))
+
+
+# ------------------------------------------------- scale: cache, formats, shared decode
+def test_cache_auto_follows_the_budget(folder, monkeypatch):
+    need = 37 * 16 * 16 * 3  # 36 readable + 1 repeat, as uint8
+    small, _ = _load(folder, cache_budget=need - 1, shuffle=False)
+    big, _ = _load(folder, cache_budget="1GB", shuffle=False)
+    assert (small.cache, small.cache_bytes) == (None, need)
+    assert (big.cache, big.cache_bytes) == ("memory", need)
+    for _ in range(2):  # the uint8 cache gives exactly the decoded pixels
+        np.testing.assert_array_equal(_epoch(big.train)[0], _epoch(small.train)[0])
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", str(need))
+    assert _load(folder)[0].cache == "memory"
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", "1KB")
+    assert _load(folder)[0].cache is None
+    x, y = _digits((10, 10, 10))
+    assert tfd.from_arrays(x, y, image_size=(8, 8), cache_budget="1KB").cache is None
+    assert tfd.from_arrays(x, y, image_size=(8, 8), cache_budget="1MB").cache == "memory"
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    assert tfd.from_dataset(ds, image_size=(8, 8)).cache is None  # over $TFTRANSFER_...
+    assert tfd.from_dataset(ds, image_size=(8, 8), cache_budget="1MB").cache == "memory"
+    unknown = ds.filter(lambda image, label: True)  # cardinality unknown: not in memory
+    assert tfd.from_dataset(unknown, image_size=(8, 8), class_names=list("abc"),
+                            cache_budget="1MB").cache is None
+
+
+def test_explicit_memory_cache_over_budget_warns_with_the_numbers(folder):
+    with pytest.warns(UserWarning, match=r"cache='memory' keeps 37 resized images in memory: "
+                      r"28.4 KB as uint8, over the cache budget of 1 KB"):
+        data = tfd.from_directory(folder, image_size=(16, 16), cache="memory",
+                                  cache_budget="1KB")
+    assert data.cache == "memory"
+
+
+def test_disk_cache_writes_files_and_gives_the_same_pixels(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        disk = tfd.from_directory(folder, image_size=(16, 16), cache="disk", shuffle=False)
+        plain = tfd.from_directory(folder, image_size=(16, 16), cache=False, shuffle=False)
+        np.testing.assert_array_equal(_epoch(disk.train)[0], _epoch(plain.train)[0])
+    assert any(name.endswith(".index") for name in os.listdir(os.path.dirname(disk.cache)))
+    np.testing.assert_array_equal(_epoch(disk.train)[0], _epoch(plain.train)[0])
+
+
+def test_webp_and_every_format_match_the_shared_decode(tmp_path):
+    """WebP loads; the pipeline feeds exactly what `_images.decode` gives serving."""
+    from tftransfer import _images
+
+    x, _ = _write_folder(tmp_path, n_per_class=(3, 3, 3), formats=("png", "jpg", "webp"))
+    rgba = np.dstack([np.repeat(x[0][..., None], 3, -1), np.full((16, 16), 200, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "one" / "rgba.webp", lossless=True)
+    for channels, size in ((3, (24, 20)), (4, (32, 32)), (1, (16, 16))):
+        data = tfd.from_directory(tmp_path, image_size=size, channels=channels,
+                                  validation_split=0, shuffle=False, cache=False)
+        images, _ = _epoch(data.train)
+        paths = sorted(str(p) for p in tmp_path.glob("*/*") if p.is_file())  # listing order
+        paths.sort(key=lambda p: SORTED.index(os.path.basename(os.path.dirname(p))))
+        expected = np.stack([_images.decode(tf.io.read_file(p), channels, size).numpy()
+                             for p in paths])
+        assert images.shape == (10, *size, channels) and not data.skipped
+        np.testing.assert_array_equal(images, expected)
+        if channels == 4:
+            assert (images[paths.index(str(tmp_path / "one" / "rgba.webp")), ..., 3] == 200).all()
+    webp = [i for i, p in enumerate(paths) if p.endswith("img_002.webp")][0]
+    assert np.abs(images[webp, ..., 0] - x[2]).mean() < 3  # lossy WebP of the digit itself
+
+
+def test_shared_decode_converts_channels_like_tensorflow():
+    from tftransfer import _images
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    png = tf.io.encode_png(rgb)
+    gray = _images.decode(png, 1, (6, 8)).numpy()
+    np.testing.assert_array_equal(gray, np.round(tf.image.rgb_to_grayscale(
+        rgb.astype(np.float32)).numpy()))
+    rgba = _images.decode(png, 4, (6, 8)).numpy()
+    np.testing.assert_array_equal(rgba[..., :3], rgb)
+    assert (rgba[..., 3] == 255).all()
+    served = tf.function(lambda b: tf.map_fn(lambda one: _images.decode(one, 3, (3, 4)), b,
+                                             fn_output_signature=tf.float32))
+    batch = served(tf.stack([png, png])).numpy()
+    np.testing.assert_array_equal(batch[0], _images.decode(png, 3, (3, 4)).numpy())
+
+
+def test_fine_tune_on_a_folder_larger_than_the_memory_budget(tmp_path, digits_target,
+                                                              monkeypatch):
+    from conftest import SAVED
+
+    from tftransfer import build_finetuner, fine_tune
+
+    x, y = digits_target
+    for i in range(200):
+        folder = tmp_path / f"digit_{y[i]}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(x[i].astype(np.uint8)).save(folder / f"{i:03d}.png")
+    monkeypatch.setenv("TFTRANSFER_CACHE_BUDGET", "4KB")  # 200 images: 614 KB; features too
+    data = tfd.from_directory(tmp_path, image_size=(32, 32), batch_size=16, seed=0)
+    assert data.cache is None and data.cache_bytes == 200 * 32 * 32 * 3
+    model = build_finetuner(str(SAVED / "digits_cnn.keras"), num_classes=5, learning_rate=1e-2)
+    with pytest.warns(UserWarning, match="exceed the cache budget of 4 KB.*cached on disk"):
+        fine_tune(model, data, head_epochs=8, fine_tune_epochs=0, early_stopping=None,
+                  verbose=0)
+    images, labels = _epoch(data.validation)
+    accuracy = np.mean(np.argmax(model.predict(images, verbose=0), -1) == labels)
+    assert accuracy > 0.6  # chance: 0.2

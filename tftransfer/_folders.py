@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tftransfer import _images
 
+_plain = tf.autograph.experimental.do_not_convert  # no AutoGraph needed: fast to build
 Listing = collections.namedtuple("Listing", "classes paths labels stamps bad excluded")
 _SHOWN = 5  # file names a warning shows before "..."
 
@@ -92,7 +93,11 @@ class ReadCheck:
 
     ``apply`` drops the failing elements (``ignore_errors``) and, through a
     Python call per ``batch`` elements, records the indices that came
-    through; an end marker after the last element triggers :meth:`finish`.
+    through; an end marker after the last element triggers :meth:`finish` (a begin
+    marker restarts the count of a pass).
+    So that the split keeps its length (Keras knows the steps of an epoch),
+    each element dropped in a pass is replaced by a second copy of one of
+    the split's readable images, taken from its start, with its own label.
 
     Args:
         paths: All listed paths (the elements carry indices into it).
@@ -106,26 +111,41 @@ class ReadCheck:
         self.paths, self.labels, self.split = paths, labels, np.asarray(split)
         self.name, self.batch = name, batch
         self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
+        self.count = self.missing = 0
 
-    def apply(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-        """``(image, label, index)`` elements -> readable ``(image, label)`` ones."""
-        end = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-        end = tf.data.Dataset.from_tensors((*end[:2], tf.constant(-1, end[2].dtype)))
-        ds = ds.ignore_errors().concatenate(end).batch(self.batch)
-        return ds.map(self._record).unbatch()
+    def apply(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
+        """``(image, label, index)`` elements from ``load(index)`` -> ``(image, label)``
+        ones, unreadable ones replaced; the cardinality is the split's size."""
+        zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+        begin, end = (tf.data.Dataset.from_tensors((*zeros[:2], tf.constant(i, zeros[2].dtype)))
+                      for i in (-2, -1))  # markers of a pass, for the count of each pass
+        ds = begin.concatenate(ds.ignore_errors()).concatenate(end).batch(self.batch)
+        ds = ds.map(_plain(self._record)).unbatch()
+        refill = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
+        refill = refill.map(_plain(lambda image, label, index: (image, label)))
+        ds = ds.concatenate(tf.data.Dataset.range(1).flat_map(_plain(
+            lambda _: refill.take(tf.numpy_function(self._missing, [], tf.int64, stateful=True)))))
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self.split)))
+
+    def _missing(self):
+        return np.int64(self.missing)
 
     def _record(self, images, labels, index):
-        keep = tf.py_function(self._seen, [index], tf.bool)
-        keep.set_shape(index.shape)
-        return tf.boolean_mask(images, keep), tf.boolean_mask(labels, keep)
+        rows = tf.numpy_function(self._seen, [index], tf.int64, stateful=True)
+        rows.set_shape([None])
+        return tf.gather(images, rows), tf.gather(labels, rows)
 
     def _seen(self, index):
-        index = index.numpy()
+        """Rows of real elements in a batch of indices (the end marker is -1)."""
+        good = index[index >= 0]
+        self.count = len(good) + (0 if (index == -2).any() else self.count)
         if not self.done:
-            self.seen[index[index >= 0]] = True
-            if (index < 0).any():
+            self.seen[good] = True
+        if (index == -1).any():  # the end marker: a full pass
+            self.missing = max(0, len(self.split) - self.count)
+            if not self.done:
                 self.finish()
-        return index >= 0
+        return np.flatnonzero(index >= 0).astype(np.int64)
 
     def finish(self):
         """Reports the split's files not seen in a full pass (once)."""

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tftransfer import _checks, _folders, _images, _memory
 
 AUTOTUNE = tf.data.AUTOTUNE
+_plain = tf.autograph.experimental.do_not_convert  # our map functions need no AutoGraph
 IMAGE_EXTENSIONS = _images.EXTENSIONS
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -224,15 +225,16 @@ def _pipeline(elements, load, spec, *, train, size, cache, check=None):
     shuffle = train and spec.shuffle
     if shuffle:
         elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
+    load = _plain(load)
     ds = elements.map(load, num_parallel_calls=AUTOTUNE)
     if check is not None:
-        ds = check.apply(ds)
+        ds = check.apply(ds, load)
     if cache is not None:
         ds = ds.cache(cache)
         if shuffle:
             ds = ds.shuffle(min(size, SHUFFLE_BUFFER), seed=spec.seed + 1)
     layers = spec.augment if train else ()
-    ds = ds.batch(spec.batch_size).map(lambda x, y: _to_float(x, y, layers),
+    ds = ds.batch(spec.batch_size).map(_plain(lambda x, y: _to_float(x, y, layers)),
                                        num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
@@ -370,7 +372,8 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
-    def load(i):
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int64)], autograph=False)
+    def load(i):  # traced once for both splits
         image = _images.decode(tf.io.read_file(files[i]), spec.channels, size, mode)
         return tf.cast(image, tf.uint8), targets[i], i
 

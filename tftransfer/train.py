@@ -15,6 +15,7 @@ Example:
 ...                     fine_tune_epochs=5, unfreeze="top:1", output_dir="runs/a")
 """
 
+import atexit
 import contextlib
 import csv
 import hashlib
@@ -22,13 +23,14 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _feature_store, _lock, distribute, optim, reports
+from tftransfer import _checks, _feature_store, _lock, _memory, distribute, optim, reports
 from tftransfer.model import FineTuner
 
 _STATE = "fine_tune_state.json"
@@ -305,10 +307,12 @@ def _stage1(model, data, epochs, base_lr, cache, state, common):
     store = None
     if shared_dir and not on_disk:
         store = _feature_store.FeatureStore(shared_dir, _feature_store.backbone_key(model))
+    verbose = 0 if common["verbose"] == 0 else 1
     train = _cached(data.train, extract, state.path("feature_cache", "train") if on_disk else "",
-                    data.shuffle, store)
+                    data.shuffle, store, verbose)
     val = _cached(data.validation, extract,
-                  state.path("feature_cache", "val") if on_disk else "", store=store)
+                  state.path("feature_cache", "val") if on_disk else "", store=store,
+                  verbose=verbose)
     return _fit(head, train, val, data.class_weight, start, end, state, "stage1",
                 common).history
 
@@ -322,20 +326,39 @@ def _use_cache(cache_features, data):
     return bool(cache_features) and not data.augmented
 
 
-def _cached(dataset, extract, filename, shuffle=False, store=None):
-    """Backbone features computed once: in memory (read from `store` when it
-    holds them), or in a tf.data cache file."""
+def _cached(dataset, extract, filename, shuffle=False, store=None, verbose=1):
+    """Backbone features computed once, with a progress bar: in memory (read
+    from `store` when it holds them) while they fit the cache budget
+    (`tftransfer._memory`: `$TFTRANSFER_CACHE_BUDGET`, else 10% of RAM), else
+    in a tf.data cache file: `filename`, or a temporary one removed at exit."""
     if dataset is None:
         return None
-    if filename:  # Computed during the first epoch, read from disk after.
-        os.makedirs(os.path.dirname(filename), exist_ok=True)
-        cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
-        return (cached.shuffle(256, reshuffle_each_iteration=True) if shuffle else cached).prefetch(2)
-    columns, batch_size = _extract_all(dataset, _for_any_batch(extract, dataset), store)
-    cached = tf.data.Dataset.from_tensor_slices(tuple(columns))
-    if shuffle:
-        cached = cached.shuffle(len(columns[0]), seed=0, reshuffle_each_iteration=True)
-    return cached.batch(batch_size).prefetch(2)
+    if not filename:
+        extracted = _extract_all(dataset, _for_any_batch(extract, dataset), store, verbose)
+        if extracted is not None:
+            columns, batch_size = extracted
+            cached = tf.data.Dataset.from_tensor_slices(tuple(columns))
+            if shuffle:
+                cached = cached.shuffle(len(columns[0]), seed=0, reshuffle_each_iteration=True)
+            return cached.batch(batch_size).prefetch(2)
+        folder = tempfile.mkdtemp(prefix="tftransfer-features-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        filename = os.path.join(folder, "features")
+        warnings.warn(f"The backbone features exceed the cache budget of "
+                      f"{_memory.show(_memory.budget())} (${_memory.ENV}): they are cached on "
+                      f"disk in {folder} instead.", stacklevel=4)
+    os.makedirs(os.path.dirname(filename), exist_ok=True)
+    cached = dataset.map(lambda x, *rest: (extract(x), *rest)).cache(filename)
+    bar = keras.utils.Progbar(_batches(dataset), verbose=verbose, unit_name="batch")
+    for step, _ in enumerate(cached, start=1):  # computed here, read from disk by fit
+        bar.update(step)
+    return (cached.shuffle(256, reshuffle_each_iteration=True) if shuffle else cached).prefetch(2)
+
+
+def _batches(dataset):
+    """The number of batches of `dataset`, or None when unknown."""
+    count = int(dataset.cardinality())
+    return count if count >= 0 else None
 
 
 def _for_any_batch(extract, dataset):
@@ -348,17 +371,29 @@ def _for_any_batch(extract, dataset):
     return lambda images: extract.get_concrete_function(spec)(images)
 
 
-def _extract_all(dataset, extract, store=None):
+def _extract_all(dataset, extract, store=None, verbose=1, budget=None):
     """One pass of the backbone over `dataset`: features and the other columns.
 
     With a `_feature_store.FeatureStore`, batches it holds skip the backbone
-    and the new ones are written to it.
+    and the new ones are written to it. A progress bar shows the pass.
+    Returns None, having stopped early, when the columns would exceed
+    `budget` bytes (default: the cache budget of `tftransfer._memory`),
+    estimated after the first batch from the number of batches.
     """
     features = (lambda images: store.features(images, extract)) if store else extract
-    batches = [(features(batch[0]), *batch[1:]) for batch in dataset]
+    budget = _memory.budget() if budget is None else budget
+    target = _batches(dataset)
+    bar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
+    batches, nbytes = [], 0
+    for step, batch in enumerate(dataset, start=1):
+        batches.append([np.asarray(column) for column in (features(batch[0]), *batch[1:])])
+        nbytes += sum(column.nbytes for column in batches[-1])
+        if max(nbytes, nbytes / step * (target or 0)) > budget:
+            return None
+        bar.update(step)
     if store:
         store.save()
-    columns = [np.concatenate([np.asarray(b[i]) for b in batches]) for i in range(len(batches[0]))]
+    columns = [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))]
     return columns, int(batches[0][0].shape[0])
 
 
