@@ -189,8 +189,7 @@ BAD = [
     ("regression_nan_target", tune("regression", train=lambda x, y: (x, np.where(np.arange(30) == 6, NAN, y))), E("`train` must hold finite regression targets (no NaN or infinity). The first bad target is at index 6.")),
     # tftransfer.data.from_arrays.
     ("from_arrays_nan", from_arrays(x=with_nan), E("`x` must be finite images (no NaN or infinity). The first bad image is at index 7 (it holds nan). Received: x=array(shape=(30, 32, 32, 3), dtype=float32)")),
-    ("from_arrays_lengths", from_arrays(x=lambda x, y: (x, y[:5])), E("`y` must be one label per image. Got 30 images and 5 labels. Received: y=array(shape=(5,), dtype=int32)")),
-    ("from_arrays_empty", from_arrays(x=lambda x, y: (x[:0], y[:0])), E("`x` must be non-empty arrays (at least one example).")),
+    ("from_arrays_inf", from_arrays(x=lambda x, y: with_nan(x, y, 29, -np.inf)), E("The first bad image is at index 29 (it holds -inf).")),
 ]
 
 

@@ -163,10 +163,10 @@ def test_evaluate_classifier_exact_numbers():
 
 BAD = [
     (dict(head_epochs=-1), r"Received: head_epochs=-1"),
-    (dict(lr_factor=2.0), r"`lr_factor` must be in \(0, 1\]. Received: lr_factor=2.0"),
+    (dict(lr_factor=2.0), r"`lr_factor` must be a finite float in \(0, 1\]. Received: lr_factor=2.0"),
     (dict(layerwise_lr_decay=0.0), r"Received: layerwise_lr_decay=0.0"),
     (dict(cache_features="ram"), r"Received: cache_features='ram'"),
-    (dict(unfreeze="top:many"), r"Received: trainable='top:many'"),
+    (dict(unfreeze="top:many"), r"Received: unfreeze='top:many'"),
 ]
 
 
