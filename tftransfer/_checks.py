@@ -30,6 +30,7 @@ import numbers
 import numpy as np
 
 _SHOWN_NAMES = 8  # How many layer names or classes an error lists.
+_MAX_SHOWN = 300  # Longer received values (datasets, ImageData) are cut.
 
 
 def shown(value):
@@ -38,7 +39,8 @@ def shown(value):
         return f"array(shape={tuple(value.shape)}, dtype={np.dtype(_dtype_name(value))})"
     if isinstance(value, tuple) and any(isinstance(v, np.ndarray) or _is_tensor(v) for v in value):
         return "(" + ", ".join(shown(v) for v in value) + ")"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
 
 
 def _is_tensor(value):
@@ -152,7 +154,7 @@ def check_probability(value, argument):
 
 def check_choice(value, argument, choices):
     """Returns `value` if it is one of `choices`, or raises listing them."""
-    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise invalid(argument, f"one of {', '.join(repr(c) for c in choices)}", value)
     return value
 
