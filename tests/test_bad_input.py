@@ -261,8 +261,8 @@ BAD = [
     ("from_arrays_nan", from_arrays(x=with_nan),
      E("`x` must be finite images (no NaN or infinity). The first bad image is at index 7 (it "
        "holds nan). Received: x=array(shape=(30, 32, 32, 3), dtype=float32)")),
-    ("from_arrays_inf", from_arrays(x=lambda x, y: with_nan(x, y, 29, -np.inf)),
-     E("The first bad image is at index 29 (it holds -inf).")),
+    ("from_arrays_inf", from_arrays(x=lambda x, y: with_nan(x, y, 29, np.inf)),
+     E("The first bad image is at index 29 (it holds inf).")),
 ]
 
 
