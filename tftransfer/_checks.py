@@ -36,7 +36,8 @@ _MAX_SHOWN = 300  # Longer received values (datasets, ImageData) are cut.
 def shown(value):
     """How a received value appears in an error: arrays by shape and dtype."""
     if isinstance(value, np.ndarray) or _is_tensor(value):
-        return f"array(shape={tuple(value.shape)}, dtype={np.dtype(_dtype_name(value))})"
+        dtype = getattr(value.dtype, "as_numpy_dtype", value.dtype)  # tf.DType -> numpy
+        return f"array(shape={tuple(value.shape)}, dtype={np.dtype(dtype)})"
     if isinstance(value, tuple) and any(isinstance(v, np.ndarray) or _is_tensor(v) for v in value):
         return "(" + ", ".join(shown(v) for v in value) + ")"
     text = repr(value)
@@ -45,11 +46,6 @@ def shown(value):
 
 def _is_tensor(value):
     return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "numpy")
-
-
-def _dtype_name(value):
-    dtype = value.dtype
-    return getattr(dtype, "as_numpy_dtype", dtype)
 
 
 def invalid(argument, allowed, value, detail="", verb="be"):
@@ -154,7 +150,7 @@ def check_probability(value, argument):
 
 def check_choice(value, argument, choices):
     """Returns `value` if it is one of `choices`, or raises listing them."""
-    if not any(type(value) is type(c) and value == c for c in choices):
+    if not any(isinstance(value, type(c)) and value == c for c in choices):
         raise invalid(argument, f"one of {', '.join(repr(c) for c in choices)}", value)
     return value
 
@@ -389,6 +385,8 @@ def check_batch(images, labels, *, num_classes=None, task=None, argument="train"
     images, labels = np.asarray(images), np.asarray(labels)
     shown_as = received if received is not None else (images, labels)
     _check_finite(images, argument, index_offset, shown_as)
+    if task and not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise _data_error(argument, 1, "numeric labels", shown_as)
     check = {"classification": _check_class_ids, "multi_label": _check_multi_hot,
              "regression": _check_targets}.get(task)
     if check:
@@ -458,7 +456,9 @@ def check_dataset(dataset, *, num_classes=None, task=None, argument="train", bat
     """Checks the first `batches` batches of a `tf.data.Dataset` of `(images, labels)`.
 
     An empty dataset is refused. Datasets of other structures (a single
-    tensor, dicts) are only checked for emptiness.
+    tensor, dicts) are only checked for emptiness. Reading the first batches
+    of a dataset whose `cache()` is not filled yet discards the partial cache
+    (TensorFlow logs a warning); the first epoch fills it.
 
     Args:
         dataset: A batched `tf.data.Dataset`.
@@ -501,20 +501,15 @@ def check_class_weight(class_weight, num_classes, task="classification"):
     missing = sorted(set(range(num_classes)) - keys)
     extra = sorted(keys - set(range(num_classes)))
     if missing or extra:
-        detail = (f"Missing classes: {_few(missing)}." if missing else "") + (
-            f" Unknown classes: {_few(extra)}." if extra else "")
+        detail = (f"Missing classes: {few_names(missing, str)}." if missing else "") + (
+            f" Unknown classes: {few_names(extra, str)}." if extra else "")
         raise invalid("class_weight", allowed, class_weight, detail)
     return {int(k): float(w) for k, w in class_weight.items()}
 
 
-def _few(items):
-    text = ", ".join(str(i) for i in items[:_SHOWN_NAMES])
-    return text + (f" and {len(items) - _SHOWN_NAMES} more" if len(items) > _SHOWN_NAMES else "")
-
-
-def few_names(names):
-    """`'a', 'b', ... (and N more)`: a few names for an error."""
-    text = ", ".join(repr(n) for n in names[:_SHOWN_NAMES])
+def few_names(names, show=repr):
+    """`'a', 'b', ... (and N more)`: a few names (or with `show=str`, numbers) for an error."""
+    text = ", ".join(show(n) for n in names[:_SHOWN_NAMES])
     return text + (f" (and {len(names) - _SHOWN_NAMES} more)" if len(names) > _SHOWN_NAMES else "")
 
 
@@ -547,7 +542,7 @@ def _check_image_data(data, task, num_classes):
 def _check_data(data, argument, task, num_classes):
     import tensorflow as tf  # only when there is data to check
 
-    if isinstance(data, (tuple, list)) and len(data) == 2:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], dict):
         check_arrays(data[0], data[1], num_classes=num_classes, task=task, argument=argument)
     elif isinstance(data, tf.data.Dataset):
         check_dataset(data, num_classes=num_classes, task=task, argument=argument)
