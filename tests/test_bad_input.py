@@ -250,6 +250,14 @@ BAD = [
      E("The first bad label is at index 10: 4.")),
     ("dataset_nan_second_batch", tune(train=lambda x, y: dataset(*with_nan(x, y, 9))),
      E("The first bad image is at index 9 (it holds nan).")),
+    ("image_size_arrays", tune(train=lambda x, y: (x[:, :28, :28], y)),
+     E("`train` must hold images of shape [n, 32, 32, 3], the model's input. Got shape (30, 28, 28, 3).")),
+    ("image_channels_dataset", tune(train=lambda x, y: dataset(x[..., :1], y)),
+     E("`train` must hold images of shape [n, 32, 32, 3], the model's input. Got shape (None, 32, 32, 1).")),
+    ("image_data_more_classes", tune(train=lambda x, y: tfdata.from_arrays(
+        x, np.arange(30) % 5, image_size=(32, 32), validation_split=0.0)),
+     E("`train` must be data with at most 3 classes, the model's num_classes. It has 5 classes: "
+       "'0', '1', '2', '3', '4'.")),
     ("multi_label_not_binary", tune("multi_label", train=lambda x, y: (x, np.eye(3)[y] * 2)),
      E("`train` must hold labels that are 0/1 vectors of shape [n, 3] (task='multi_label'). The "
        "first bad label is at index 0: [2.0, 0.0, 0.0].")),

@@ -526,7 +526,7 @@ def fine_tune_data(model, train, validation=None, class_weight=None):
         class_weight = train.class_weight if class_weight is None else class_weight
         train = None  # checked by tftransfer.data; reading it here would truncate its cache
     for name, data in (("train", train), ("validation", validation)):
-        _check_data(data, name, task, num_classes)
+        _check_data(data, name, task, num_classes, getattr(model, "input_shape", None))
     if class_weight is not None and num_classes is not None:
         check_class_weight(class_weight, num_classes, task)
 
@@ -539,10 +539,29 @@ def _check_image_data(data, task, num_classes):
                       f"{few_names(list(data.class_names))}.")
 
 
-def _check_data(data, argument, task, num_classes):
+def _check_data(data, argument, task, num_classes, input_shape):
     import tensorflow as tf  # only when there is data to check
 
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], dict):
-        check_arrays(data[0], data[1], num_classes=num_classes, task=task, argument=argument)
+        x, _ = check_arrays(data[0], data[1], num_classes=num_classes, task=task,
+                            argument=argument)
+        _check_image_shape(x.shape, input_shape, argument, (x, np.asarray(data[1])))
     elif isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and isinstance(spec[0], tf.TensorSpec):
+            _check_image_shape(tuple(spec[0].shape), input_shape, argument, data)
         check_dataset(data, num_classes=num_classes, task=task, argument=argument)
+
+
+def _check_image_shape(shape, input_shape, argument, received):
+    """Images `[n, ...]` must match a single-input model's `[None, ...]` where both are known."""
+    if not isinstance(input_shape, tuple) or not all(isinstance(d, (int, type(None)))
+                                                     for d in input_shape):
+        return
+    want = input_shape[1:]
+    fits = len(shape) == len(want) + 1 and all(
+        a is None or b is None or a == b for a, b in zip(shape[1:], want))
+    if not fits:
+        expected = ", ".join("?" if d is None else str(d) for d in want)
+        raise _data_error(argument, 0, f"images of shape [n, {expected}], the model's input",
+                          received, f"Got shape {tuple(shape)}.")
