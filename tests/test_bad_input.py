@@ -210,7 +210,10 @@ BAD = [
     ("unfreeze_callable_none", tune(unfreeze=lambda layer: False),
      r"`unfreeze` must be a policy that selects.*Received: unfreeze=<function"),
     ("unfreeze_malformed", tune(unfreeze="top:many"), E("Received: unfreeze='top:many'")),
-    ("train_str", tune(train=lambda x, y: "images/"), E("`train` must be a batched tf.data.Dataset")),
+    ("train_str", tune(train=lambda x, y: "images/"),
+     E("`train` must be a batched tf.data.Dataset, a tuple (x, y) of arrays or an ImageData. "
+       "For a folder of images: tftransfer.data.from_directory('images/', model=model). "
+       "Received: train='images/'")),
     # fine_tune: data.
     ("labels_out_of_range", tune(train=change(5, 3)),
      E("`train` must hold labels that are integer class ids in [0, 3) (num_classes=3). The "
@@ -244,6 +247,8 @@ BAD = [
      E("Received: class_weight={0: 1.0, 1: nan, 2: 1.0}")),
     ("class_weight_regression", tune("regression", train=lambda x, y: (x, y * 0.5), class_weight={0: 1.0}),
      E("`class_weight` must be None for task='regression'")),
+    ("validation_list", tune(validation=[1, 2, 3]),
+     E("Received: validation=[1, 2, 3]")),
     ("dataset_empty", tune(train=lambda x, y: dataset(x[:0], y[:0])),
      r"`train` must be a dataset holding at least one batch \(it is empty\). Received: train=<"),
     ("dataset_label_second_batch", tune(train=lambda x, y: dataset(*change(10, 4)(x, y))),

@@ -542,7 +542,15 @@ def _check_image_data(data, task, num_classes):
 def _check_data(data, argument, task, num_classes, input_shape):
     import tensorflow as tf  # only when there is data to check
 
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], dict):
+    if data is None and argument == "validation":
+        return
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if not (pair or isinstance(data, tf.data.Dataset) or hasattr(data, "class_names")):
+        hint = (f"For a folder of images: tftransfer.data.from_directory({data!r}, model=model)."
+                if isinstance(data, str) else "")
+        raise invalid(argument, "a batched tf.data.Dataset, a tuple (x, y) of arrays or an "
+                      "ImageData", data, hint)
+    if pair and not isinstance(data[0], dict):
         x, _ = check_arrays(data[0], data[1], num_classes=num_classes, task=task,
                             argument=argument)
         _check_image_shape(x.shape, input_shape, argument, (x, np.asarray(data[1])))
