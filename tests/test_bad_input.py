@@ -179,12 +179,16 @@ BAD = [
     ("trainable_bn_only", build(trainable="^bn"),
      E("It matches only BatchNormalization layers, kept frozen by freeze_batchnorm=True. "
        "Received: trainable='^bn'")),
+    ("trainable_typo", build(trainable="al"),
+     E("Layers with weights: 'conv1', 'conv2', 'conv3'. Did you mean 'all'? Received: trainable='al'")),
+    ("trainable_prefix_typo", build(trainable="tops:2"),
+     E("Did you mean 'top:N'? Received: trainable='tops:2'")),
     ("trainable_top_negative", build(trainable="Top:-1"),
      E("`trainable` must be \"top:N\" with N >= 0. Received: trainable='Top:-1'")),
     ("trainable_fraction", build(trainable="fraction:1.5"), E("Received: trainable='fraction:1.5'")),
     ("trainable_bad_regex", build(trainable="conv("),
      E("(any case), a regex or list of regexes on layer names, or a callable `layer -> bool`. "
-       "Received: trainable=['conv(']")),
+       "Received: trainable='conv('")),
     # fine_tune: arguments.
     ("batch_size_zero", tune(batch_size=0),
      E("`batch_size` must be an integer >= 1. Received: batch_size=0")),
