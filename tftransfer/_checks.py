@@ -2,7 +2,7 @@
 
 Every failure is a `ValueError` in the package's one format::
 
-    `dropout` must be a float in [0, 1). Received: dropout='0.2'
+    `dropout` must be a finite float in [0, 1). Received: dropout='0.2'
 
 naming the argument in backticks, what is allowed, and ending with the value
 received (arrays are shown as `array(shape=..., dtype=...)`). numpy integers
@@ -404,7 +404,7 @@ def _finite_rows(array):
     return np.isfinite(array.reshape(len(array), -1)).all(axis=1)
 
 
-def _check_finite(images, argument, offset, received, chunk=1024):
+def _check_finite(images, argument, offset, received, chunk=256):
     for start in range(0, len(images), chunk):
         bad = _first_bad(_finite_rows(images[start:start + chunk]))
         if bad is not None:
