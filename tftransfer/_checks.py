@@ -516,16 +516,19 @@ def few_names(names, show=repr):
 def fine_tune_data(model, train, validation=None, class_weight=None):
     """Checks `fine_tune`'s data against the model's task and number of classes.
 
-    Arrays `(x, y)` are checked whole; `tf.data` datasets (also those of an
-    `ImageData`) on their first batches; `class_weight` (else the
-    `ImageData`'s) for a weight per class.
+    Arrays `(x, y)` are checked whole; `tf.data` datasets on their first
+    batches; an `ImageData` (checked by `tftransfer.data`) for its number of
+    classes; `class_weight` (else the `ImageData`'s) for a weight per class.
     """
     task, num_classes = model_target(model)
     if hasattr(train, "train") and hasattr(train, "class_names"):  # ImageData
         _check_image_data(train, task, num_classes)
         class_weight = train.class_weight if class_weight is None else class_weight
-        train = None  # checked by tftransfer.data; reading it here would truncate its cache
-    for name, data in (("train", train), ("validation", validation)):
+    # An ImageData's datasets were checked by tftransfer.data; reading them here would
+    # truncate their cache.
+    datasets = [("validation", validation)] if hasattr(train, "class_names") else [
+        ("train", train), ("validation", validation)]
+    for name, data in datasets:
         _check_data(data, name, task, num_classes, getattr(model, "input_shape", None))
     if class_weight is not None and num_classes is not None:
         check_class_weight(class_weight, num_classes, task)
