@@ -2,7 +2,7 @@
 
 Every failure is a `ValueError` in the package's one format::
 
-    `dropout` must be a float in [0, 1). Received: dropout='0.2'
+    `dropout` must be a finite float in [0, 1). Received: dropout='0.2'
 
 naming the argument in backticks, what is allowed, and ending with the value
 received (arrays are shown as `array(shape=..., dtype=...)`). numpy integers
@@ -30,24 +30,22 @@ import numbers
 import numpy as np
 
 _SHOWN_NAMES = 8  # How many layer names or classes an error lists.
+_MAX_SHOWN = 300  # Longer received values (datasets, ImageData) are cut.
 
 
 def shown(value):
     """How a received value appears in an error: arrays by shape and dtype."""
     if isinstance(value, np.ndarray) or _is_tensor(value):
-        return f"array(shape={tuple(value.shape)}, dtype={np.dtype(_dtype_name(value))})"
+        dtype = getattr(value.dtype, "as_numpy_dtype", value.dtype)  # tf.DType -> numpy
+        return f"array(shape={tuple(value.shape)}, dtype={np.dtype(dtype)})"
     if isinstance(value, tuple) and any(isinstance(v, np.ndarray) or _is_tensor(v) for v in value):
         return "(" + ", ".join(shown(v) for v in value) + ")"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
 
 
 def _is_tensor(value):
     return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "numpy")
-
-
-def _dtype_name(value):
-    dtype = value.dtype
-    return getattr(dtype, "as_numpy_dtype", dtype)
 
 
 def invalid(argument, allowed, value, detail="", verb="be"):
@@ -152,7 +150,7 @@ def check_probability(value, argument):
 
 def check_choice(value, argument, choices):
     """Returns `value` if it is one of `choices`, or raises listing them."""
-    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+    if not any(isinstance(value, type(c)) and value == c for c in choices):
         raise invalid(argument, f"one of {', '.join(repr(c) for c in choices)}", value)
     return value
 
@@ -361,6 +359,8 @@ def check_batch(images, labels, *, num_classes=None, task=None, argument="train"
     images, labels = np.asarray(images), np.asarray(labels)
     shown_as = received if received is not None else (images, labels)
     _check_finite(images, argument, index_offset, shown_as)
+    if task and not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise _data_error(argument, 1, "numeric labels", shown_as)
     check = {"classification": _check_class_ids, "multi_label": _check_multi_hot,
              "regression": _check_targets}.get(task)
     if check:
@@ -378,7 +378,7 @@ def _finite_rows(array):
     return np.isfinite(array.reshape(len(array), -1)).all(axis=1)
 
 
-def _check_finite(images, argument, offset, received, chunk=1024):
+def _check_finite(images, argument, offset, received, chunk=256):
     for start in range(0, len(images), chunk):
         bad = _first_bad(_finite_rows(images[start:start + chunk]))
         if bad is not None:
@@ -430,7 +430,9 @@ def check_dataset(dataset, *, num_classes=None, task=None, argument="train", bat
     """Checks the first `batches` batches of a `tf.data.Dataset` of `(images, labels)`.
 
     An empty dataset is refused. Datasets of other structures (a single
-    tensor, dicts) are only checked for emptiness.
+    tensor, dicts) are only checked for emptiness. Reading the first batches
+    of a dataset whose `cache()` is not filled yet discards the partial cache
+    (TensorFlow logs a warning); the first epoch fills it.
 
     Args:
         dataset: A batched `tf.data.Dataset`.
@@ -473,37 +475,35 @@ def check_class_weight(class_weight, num_classes, task="classification"):
     missing = sorted(set(range(num_classes)) - keys)
     extra = sorted(keys - set(range(num_classes)))
     if missing or extra:
-        detail = (f"Missing classes: {_few(missing)}." if missing else "") + (
-            f" Unknown classes: {_few(extra)}." if extra else "")
+        detail = (f"Missing classes: {few_names(missing, str)}." if missing else "") + (
+            f" Unknown classes: {few_names(extra, str)}." if extra else "")
         raise invalid("class_weight", allowed, class_weight, detail)
     return {int(k): float(w) for k, w in class_weight.items()}
 
 
-def _few(items):
-    text = ", ".join(str(i) for i in items[:_SHOWN_NAMES])
-    return text + (f" and {len(items) - _SHOWN_NAMES} more" if len(items) > _SHOWN_NAMES else "")
-
-
-def few_names(names):
-    """`'a', 'b', ... (and N more)`: a few names for an error."""
-    text = ", ".join(repr(n) for n in names[:_SHOWN_NAMES])
+def few_names(names, show=repr):
+    """`'a', 'b', ... (and N more)`: a few names (or with `show=str`, numbers) for an error."""
+    text = ", ".join(show(n) for n in names[:_SHOWN_NAMES])
     return text + (f" (and {len(names) - _SHOWN_NAMES} more)" if len(names) > _SHOWN_NAMES else "")
 
 
 def fine_tune_data(model, train, validation=None, class_weight=None):
     """Checks `fine_tune`'s data against the model's task and number of classes.
 
-    Arrays `(x, y)` are checked whole; `tf.data` datasets (also those of an
-    `ImageData`) on their first batches; `class_weight` (else the
-    `ImageData`'s) for a weight per class.
+    Arrays `(x, y)` are checked whole; `tf.data` datasets on their first
+    batches; an `ImageData` (checked by `tftransfer.data`) for its number of
+    classes; `class_weight` (else the `ImageData`'s) for a weight per class.
     """
     task, num_classes = model_target(model)
     if hasattr(train, "train") and hasattr(train, "class_names"):  # ImageData
         _check_image_data(train, task, num_classes)
         class_weight = train.class_weight if class_weight is None else class_weight
-        train = None  # checked by tftransfer.data; reading it here would truncate its cache
-    for name, data in (("train", train), ("validation", validation)):
-        _check_data(data, name, task, num_classes)
+    # An ImageData's datasets were checked by tftransfer.data; reading them here would
+    # truncate their cache.
+    datasets = [("validation", validation)] if hasattr(train, "class_names") else [
+        ("train", train), ("validation", validation)]
+    for name, data in datasets:
+        _check_data(data, name, task, num_classes, getattr(model, "input_shape", None))
     if class_weight is not None and num_classes is not None:
         check_class_weight(class_weight, num_classes, task)
 
@@ -516,10 +516,37 @@ def _check_image_data(data, task, num_classes):
                       f"{few_names(list(data.class_names))}.")
 
 
-def _check_data(data, argument, task, num_classes):
+def _check_data(data, argument, task, num_classes, input_shape):
     import tensorflow as tf  # only when there is data to check
 
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        check_arrays(data[0], data[1], num_classes=num_classes, task=task, argument=argument)
+    if data is None and argument == "validation":
+        return
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if not (pair or isinstance(data, tf.data.Dataset) or hasattr(data, "class_names")):
+        hint = (f"For a folder of images: tftransfer.data.from_directory({data!r}, model=model)."
+                if isinstance(data, str) else "")
+        raise invalid(argument, "a batched tf.data.Dataset, a tuple (x, y) of arrays or an "
+                      "ImageData", data, hint)
+    if pair and not isinstance(data[0], dict):
+        x, _ = check_arrays(data[0], data[1], num_classes=num_classes, task=task,
+                            argument=argument)
+        _check_image_shape(x.shape, input_shape, argument, (x, np.asarray(data[1])))
     elif isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and isinstance(spec[0], tf.TensorSpec):
+            _check_image_shape(tuple(spec[0].shape), input_shape, argument, data)
         check_dataset(data, num_classes=num_classes, task=task, argument=argument)
+
+
+def _check_image_shape(shape, input_shape, argument, received):
+    """Images `[n, ...]` must match a single-input model's `[None, ...]` where both are known."""
+    if not isinstance(input_shape, tuple) or not all(isinstance(d, (int, type(None)))
+                                                     for d in input_shape):
+        return
+    want = input_shape[1:]
+    fits = len(shape) == len(want) + 1 and all(
+        a is None or b is None or a == b for a, b in zip(shape[1:], want))
+    if not fits:
+        expected = ", ".join("?" if d is None else str(d) for d in want)
+        raise _data_error(argument, 0, f"images of shape [n, {expected}], the model's input",
+                          received, f"Got shape {tuple(shape)}.")

@@ -424,9 +424,9 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         >>> (x, y), _ = keras.datasets.mnist.load_data()
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
     """
-    _checks.check_arrays(x, y, argument=("x", "y"))  # empty, lengths, NaN (first bad index)
     spec = _make_spec(**locals())
     x, y = _check_arrays(x, y)
+    _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _fingerprint(spec, x, y)
     images, labels = tf.constant(x), tf.constant(y)

@@ -22,6 +22,7 @@ import re
 import keras
 
 from tftransfer._checks import few_names, invalid
+from tftransfer._registry import close_matches
 
 
 def leaf_layers(model):
@@ -81,6 +82,7 @@ _KEYWORDS = {
     "none": lambda layers: set(),
     "all": lambda layers: {id(layer) for layer in layers},
 }
+_FORMS = {"none": "none", "all": "all", "top": "top:N", "fraction": "fraction:F"}
 _PREFIXES = {"top": lambda arg, spec, argument: _top(int(arg), spec, argument),
              "fraction": lambda arg, spec, argument: _fraction(float(arg), spec, argument)}
 
@@ -109,7 +111,7 @@ def get_policy(trainable, argument="trainable"):
             if "Received" in str(e):
                 raise
             raise _policy_error(trainable, argument) from None
-    return _regexes(_check_regexes([trainable], argument))
+    return _regexes(_check_regexes([trainable], argument, received=trainable))
 
 
 def _is_keyword(trainable):
@@ -122,12 +124,12 @@ def _is_keyword(trainable):
     return keyword in _KEYWORDS or keyword.partition(":")[0] in _PREFIXES
 
 
-def _check_regexes(patterns, argument="trainable"):
+def _check_regexes(patterns, argument="trainable", received=None):
     for p in patterns:
         try:
             re.compile(p)
         except (re.error, TypeError):
-            raise _policy_error(patterns, argument) from None
+            raise _policy_error(patterns if received is None else received, argument) from None
     return list(patterns)
 
 
@@ -162,6 +164,9 @@ def _selects_nothing(trainable, argument, candidates, with_bn):
     hint = ("It matches only BatchNormalization layers, kept frozen by "
             "freeze_batchnorm=True." if with_bn else
             f"Layers with weights: {few_names(names)}.")
+    if isinstance(trainable, str):  # a mistyped keyword is taken as a regex
+        close = close_matches(trainable.partition(":")[0], ["none", "all", "top", "fraction"])
+        hint += "".join(f" Did you mean {_FORMS[c]!r}?" for c in close[:1])
     return invalid(argument, "a policy that selects at least one backbone layer with "
                    "weights (regexes are searched in layer names)", trainable, hint)
 

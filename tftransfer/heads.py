@@ -1,10 +1,12 @@
 """Task heads and their `"auto"` losses and metrics.
 
-| task | output | labels | auto loss | auto metrics |
-| --- | --- | --- | --- | --- |
-| `classification` | softmax over `num_classes` | integer class ids | sparse categorical cross-entropy (label smoothing supported) | accuracy, top-5 accuracy above 10 classes |
-| `multi_label` | sigmoid per label | multi-hot vectors | binary cross-entropy | binary accuracy, AUC |
-| `regression` | linear, `num_classes` values (default 1) | floats | mean squared error | mean absolute error |
+- `classification`: softmax over `num_classes` (>= 2); integer class ids;
+  sparse categorical cross-entropy (label smoothing supported); accuracy, and
+  top-5 accuracy above 10 classes.
+- `multi_label`: sigmoid per label (`num_classes=1` for a binary problem);
+  multi-hot 0/1 vectors; binary cross-entropy; binary accuracy, AUC.
+- `regression`: linear, `num_classes` values (default 1); floats; mean squared
+  error; mean absolute error.
 """
 
 import keras
@@ -94,8 +96,8 @@ def check_num_classes(num_classes, task):
     if num_classes is None and task == "regression":
         return 1
     if not is_int(num_classes) or num_classes < 1:
-        raise invalid("num_classes", f"an integer >= 1 (>= 2 for task='classification'), "
-                      f"here for task={task!r}", num_classes)
+        raise invalid("num_classes", "an integer >= 1 (>= 2 for task='classification'; None "
+                      "means 1 for task='regression')", num_classes)
     if task == "classification" and num_classes == 1:
         raise invalid("num_classes", ">= 2 for task='classification' (a softmax over one class "
                       "always outputs 1.0 and learns nothing)", num_classes,
