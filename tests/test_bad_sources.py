@@ -37,6 +37,12 @@ def _saved_model_with(pb_bytes, original="digits_cnn_hub"):
     return builder
 
 
+def _corrupt_behind_hub_prefix(tmp):
+    shutil.copytree(SAVED / "digits_cnn_hub", tmp / "model")
+    (tmp / "model" / "saved_model.pb").write_bytes(_garbage(None))
+    return lambda: load_backbone(f"hub:{tmp / 'model'}")
+
+
 def _garbage(path):
     return b"\x00\x01garbage" * 20
 
@@ -78,6 +84,8 @@ BAD_SOURCES = [
     ("garbage_saved_model_pb", _saved_model_with(_garbage), ValueError,
      r"saved_model\.pb is corrupt or truncated \(Error parsing message"),
     ("truncated_saved_model_pb", _saved_model_with(_truncated), ValueError,
+     r"saved_model\.pb is corrupt or truncated"),
+    ("corrupt_saved_model_pb_as_hub_dir", _corrupt_behind_hub_prefix, ValueError,
      r"saved_model\.pb is corrupt or truncated"),
     ("empty_saved_model_pb", _saved_model_with(lambda p: b""), ValueError,
      r"saved_model\.pb is corrupt or truncated \(it holds no MetaGraph\)"),

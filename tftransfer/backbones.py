@@ -129,7 +129,9 @@ def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
             f"application name. Received: source={source!r} of type {type(source).__name__}"
         )
     if is_hub_url(source) or source.startswith("hub:"):
-        resolve_handle(source, arg="source")  # A clear error offline; cached for the layer.
+        local = resolve_handle(source, arg="source")  # A clear error offline; cached for the layer.
+        if os.path.exists(os.path.join(local, "saved_model.pb")):
+            _read_saved_model_proto(local)  # A clear error for a corrupt file.
         return _from_hub(source, input_shape, signature, output_key), "none"
     if os.path.exists(source):
         return _from_path(source, input_shape, signature, output_key, safe_mode), "none"
