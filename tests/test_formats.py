@@ -144,3 +144,19 @@ def test_new_formats_cut_freeze_and_fine_tune(name, cut, size, channel_axis):
     assert model.evaluate(*val, verbose=0)[1] > 0.6
     if not channel_axis:  # The same model takes (n, H, W, 1) too.
         np.testing.assert_allclose(model(val[0][:8]), model(val[0][:8, ..., None]), atol=1e-6)
+
+
+def test_tf20_fixture_is_laid_out_as_tf_2_0_wrote_it():
+    import tf_keras
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = SAVED / "digits_cnn_tf20"
+    assert not (path / "keras_metadata.pb").exists()
+    proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    root = proto.meta_graphs[0].object_graph_def.nodes[0].user_object
+    assert root.identifier == "_tf_keras_sequential"
+    assert '"class_name": "Sequential"' in root.metadata
+    legacy = tf_keras.models.load_model(path, compile=False)  # tf-keras reads it, layers and all
+    assert [layer.name for layer in legacy.layers][-3:] == ["bn3", "relu3", "features"]
+    backbone = load_backbone(str(path))
+    assert [layer.name for layer in backbone.layers][-3:] == ["bn3", "relu3", "features"]
