@@ -21,6 +21,17 @@ from tftransfer.layers import HubLayer
 BOTH = pytest.mark.parametrize("kind", ["", "_keras"], ids=["saved_raw", "saved_from_keras"])
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Seeded as everywhere, but without conftest's per-test `clear_session()`.
+
+    Its garbage collection over the loaded SavedModels took 1-2 s per test here;
+    these tests share no layer names or global state that it would reset.
+    """
+    keras.utils.set_random_seed(0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     return SavedModels(str(tmp_path_factory.mktemp("hub_parity")))
