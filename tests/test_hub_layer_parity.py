@@ -388,3 +388,12 @@ def test_bad_output_shape_and_arguments_are_refused(saved):
     layer = HubLayer(saved["hparams"], arguments={"a": tf.constant(2.0)})
     with pytest.raises(ValueError, match="`arguments` must hold JSON-serializable values"):
         layer.get_config()
+
+
+@pytest.mark.parametrize("signature", [None, "default"])
+def test_load_backbone_reads_the_legacy_tf1_hub_format(saved, signature):
+    from tftransfer import load_backbone
+
+    backbone = load_backbone(f"hub:{saved['half_plus_one_tf1_hub']}", signature=signature,
+                             input_shape=(1,))
+    np.testing.assert_allclose(backbone(array([[2.0], [4.0]])), [[2.0], [3.0]])

@@ -270,8 +270,10 @@ def _via_tf_keras(path):
 
 
 def _from_hub(handle, input_shape, signature, output_key):
+    local = resolve_handle(handle)
+    tf1_hub_module = os.path.exists(os.path.join(local, "tfhub_module.pb"))  # Empty tag set.
     layer = HubLayer(handle, signature=signature, output_key=output_key,
-                     tags=["serve"] if signature else None, name="hub")
+                     tags=["serve"] if signature and not tf1_hub_module else None, name="hub")
     shape = input_shape or _hub_input_shape(layer)
     inputs = keras.Input(shape, name="image")
     outputs = layer(inputs)
