@@ -12,13 +12,20 @@ Source task: scikit-learn digits, classes 0-4, 32x32x3 float images in 0-255
     digits_cnn_tf1/          TF1 SavedModel with signatures only
     digits_cnn_tfkeras/      tf_keras (Keras 2) SavedModel (keras_metadata.pb)
     digits_cnn_tfkeras.h5    tf_keras (Keras 2) HDF5
+    digits_cnn_tf20/         tf.keras SavedModel as TF 2.0-2.4 wrote it (Keras
+                             metadata in the object graph, no keras_metadata.pb)
+    digits_mlp_hw.keras      Keras 3 MLP on (8, 8) images, no channel axis
 
 Every artifact is checked against the Keras model (max abs feature difference
 <= 1e-4 on 16 images, each loaded with its native loader) before it is moved
 into place, and `MANIFEST.json` records what was built.
 
+The last two ("extras") derive from the committed `digits_cnn.keras` (the
+TF 2.0 artifact) or train in seconds (the MLP), so they can be added without
+rebuilding the others: `--extras-only`.
+
 Usage:
-    python saved_models/build_backbones.py [--overwrite] [--out-dir DIR]
+    python saved_models/build_backbones.py [--overwrite] [--out-dir DIR] [--extras-only]
 """
 
 import argparse
@@ -384,9 +391,9 @@ def path_size(path):
     )
 
 
-def existing_outputs(out_dir):
+def existing_outputs(out_dir, extras_only=False):
     """Returns the artifacts (and manifest) already present in `out_dir`."""
-    names = [*ARTIFACTS, MANIFEST]
+    names = list(EXTRA_ARTIFACTS) if extras_only else [*ARTIFACTS, *EXTRA_ARTIFACTS, MANIFEST]
     return [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
 
 
@@ -480,6 +487,161 @@ def build_all(out_dir):
     print(f"\nWrote {len(ARTIFACTS)} artifacts and {MANIFEST} to {out_dir}")
 
 
+# --------------------------------------------------------------------------
+# Extras: formats added later, built without retraining the CNN.
+# --------------------------------------------------------------------------
+
+TF20_DIR = "digits_cnn_tf20"
+MLP_FILE = "digits_mlp_hw.keras"
+MLP_INPUT_SHAPE = (8, 8)
+MLP_FEATURE_DIM = 16
+MLP_EPOCHS = 40
+TF_KERAS_IDENTIFIERS = ("_tf_keras_sequential", "_tf_keras_model", "_tf_keras_network")
+EXTRA_ARTIFACTS = {
+    TF20_DIR: "tf.keras SavedModel as TF 2.0-2.4 wrote it (metadata in the object graph)",
+    MLP_FILE: "Keras 3 MLP on (8, 8) images without a channel axis (Flatten input)",
+}
+
+
+def move_keras_metadata_into_object_graph(path):
+    """Rewrites a tf.keras SavedModel the way TF 2.0-2.4 wrote it.
+
+    From TF 2.5, tf.keras writes each object's Keras metadata (the JSON
+    config) to `keras_metadata.pb`; before, it lived in the object graph of
+    `saved_model.pb`, in `user_object.metadata`. This moves it back, deletes
+    `keras_metadata.pb`, and deletes `fingerprint.pb` (added in TF 2.12, and
+    a checksum of the old `saved_model.pb`).
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    pb_path = os.path.join(path, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel()
+    with open(pb_path, "rb") as f:
+        saved_model.ParseFromString(f.read())
+    metadata = saved_metadata_pb2.SavedMetadata()
+    with open(os.path.join(path, "keras_metadata.pb"), "rb") as f:
+        metadata.ParseFromString(f.read())
+    nodes = saved_model.meta_graphs[0].object_graph_def.nodes
+    for node in metadata.nodes:
+        user_object = nodes[node.node_id].user_object
+        assert user_object.identifier == node.identifier, (node.node_path, node.identifier)
+        user_object.metadata = node.metadata
+    assert nodes[0].user_object.identifier in TF_KERAS_IDENTIFIERS
+    with open(pb_path, "wb") as f:
+        f.write(saved_model.SerializeToString())
+    os.remove(os.path.join(path, "keras_metadata.pb"))
+    os.remove(os.path.join(path, "fingerprint.pb"))
+
+
+def save_tf20_keras(extractor, path):
+    """Writes `digits_cnn_tf20/`: the tf_keras Sequential, TF 2.0-2.4 layout."""
+    build_tf_keras(extractor).save(path, save_format="tf")
+    move_keras_metadata_into_object_graph(path)
+
+
+def check_tf20(path, extractor, x):
+    """tf_keras still reads it, with its layers, and matches the Keras model."""
+    import tf_keras
+
+    assert not os.path.exists(os.path.join(path, "keras_metadata.pb"))
+    legacy = tf_keras.models.load_model(path)
+    names = [layer.name for layer in legacy.layers]
+    assert names == [layer.name for layer in extractor.layers[1:]], names
+    diff = float(np.max(np.abs(legacy.predict(x, verbose=0) - extractor.predict(x, verbose=0))))
+    assert diff <= TOLERANCE, diff
+    return diff
+
+
+def build_digits_mlp():
+    """An MNIST-style MLP on `(8, 8)` images: no channel axis, Flatten input."""
+    inputs = keras.Input(MLP_INPUT_SHAPE, name="image")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="relu", name="dense1")(x)
+    outputs = keras.layers.Dense(MLP_FEATURE_DIM, activation="relu", name="features")(x)
+    return keras.Model(inputs, outputs, name="digits_mlp")
+
+
+def pretrain_mlp(epochs=MLP_EPOCHS):
+    """Trains the MLP with a softmax head on digits 0-4 (8x8, gray, no channel axis).
+
+    Returns:
+        `(feature_extractor, held_out_accuracy, x_held_out)`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    keras.utils.set_random_seed(SEED)
+    x, y = load_digits_images(classes=SOURCE_CLASSES, image_size=8, channels=1)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x[..., 0], y, test_size=0.2, stratify=y, random_state=SEED)
+    extractor = build_digits_mlp()
+    head = keras.layers.Dense(len(SOURCE_CLASSES), activation="softmax", name="source_head")
+    model = keras.Model(extractor.input, head(extractor.output), name="source_mlp")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    return extractor, float(accuracy), x_test
+
+
+def _extra_entry(tmp_dir, name, loader, diff):
+    return {
+        "format": EXTRA_ARTIFACTS[name],
+        "type": "dir" if os.path.isdir(os.path.join(tmp_dir, name)) else "file",
+        "size_bytes": path_size(os.path.join(tmp_dir, name)),
+        "native_loader": loader,
+        "max_abs_feature_diff": diff,
+    }
+
+
+def update_manifest(out_dir, entries, mlp_accuracy):
+    """Adds the extras to MANIFEST.json, leaving every other entry as it is."""
+    path = os.path.join(out_dir, MANIFEST)
+    manifest = {"files": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+    manifest["files"].update(entries)
+    manifest["mlp_hw"] = {
+        "input_shape": list(MLP_INPUT_SHAPE), "feature_dim": MLP_FEATURE_DIM,
+        "source_classes": list(SOURCE_CLASSES), "held_out_accuracy": mlp_accuracy,
+        "epochs": MLP_EPOCHS, "rebuild_command": REBUILD_COMMAND + " --extras-only",
+    }
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+def build_extras(out_dir):
+    """Writes and checks the extras from `out_dir/digits_cnn.keras`, then moves them in."""
+    tf.config.experimental.enable_op_determinism()
+    extractor = keras.saving.load_model(os.path.join(out_dir, "digits_cnn.keras"))
+    x = load_source_split()[1][:16]
+    with tempfile.TemporaryDirectory(prefix="build_extras_") as tmp_dir:
+        save_tf20_keras(extractor, os.path.join(tmp_dir, TF20_DIR))
+        tf20_diff = check_tf20(os.path.join(tmp_dir, TF20_DIR), extractor, x)
+        mlp, accuracy, x_mlp = pretrain_mlp()
+        print(f"MLP (digits 0-4, 8x8, no channel axis) held-out accuracy: {accuracy:.4f}")
+        mlp.save(os.path.join(tmp_dir, MLP_FILE))
+        mlp_diff = float(np.max(np.abs(
+            _features_keras3(os.path.join(tmp_dir, MLP_FILE), x_mlp) - mlp.predict(x_mlp, verbose=0))))
+        assert mlp_diff <= TOLERANCE, mlp_diff
+        entries = {
+            TF20_DIR: _extra_entry(tmp_dir, TF20_DIR, "tf_keras.models.load_model", tf20_diff),
+            MLP_FILE: _extra_entry(tmp_dir, MLP_FILE, "keras.models.load_model", mlp_diff),
+        }
+        for name in EXTRA_ARTIFACTS:
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
+            shutil.move(os.path.join(tmp_dir, name), target)
+    update_manifest(out_dir, entries, accuracy)
+    print(f"Wrote {', '.join(EXTRA_ARTIFACTS)} to {out_dir}")
+
+
 def parse_args(argv=None):
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -495,6 +657,10 @@ def parse_args(argv=None):
         "--with-gan", action="store_true",
         help="also pretrain the digits GAN (saved_models/build_gan.py, about 3 minutes)",
     )
+    parser.add_argument(
+        "--extras-only", action="store_true",
+        help=f"build only {', '.join(EXTRA_ARTIFACTS)} (from the committed digits_cnn.keras)",
+    )
     return parser.parse_args(argv)
 
 
@@ -502,13 +668,15 @@ def main(argv=None):
     """Command line entry point."""
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    existing = existing_outputs(args.out_dir)
+    existing = existing_outputs(args.out_dir, extras_only=args.extras_only)
     if existing and not args.overwrite:
         sys.exit(
             f"Refusing to overwrite existing artifacts in {args.out_dir}: "
             f"{', '.join(existing)}. Rerun with --overwrite to replace them."
         )
-    build_all(args.out_dir)
+    if not args.extras_only:
+        build_all(args.out_dir)
+    build_extras(args.out_dir)
     if args.with_gan:  # the GAN's discriminator starts from the backbone just built
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import build_gan

@@ -12,8 +12,8 @@ import shutil
 import h5py
 import keras
 import numpy as np
-
 from conftest import SAVED
+
 from tftransfer import build_finetuner, load_backbone
 
 HANDLE = "https://tfhub.dev/tftransfer/digits_cnn/feature_vector/1"

@@ -6,11 +6,18 @@
 | --- | --- |
 | `keras.Model` instance | used as is |
 | `"https://tfhub.dev/..."`, `"hub:/local/dir"` | `HubLayer` (fine-tunable) |
-| SavedModel dir with `keras_metadata.pb` (tf.keras 2 `model.save(dir)`) | rebuilt as a Keras 3 model via tf-keras and legacy HDF5 |
+| SavedModel dir from tf.keras 2 `model.save(dir)`: `keras_metadata.pb` (TF 2.5+), or |
+|   the Keras metadata in the object graph (TF 2.0-2.4) | rebuilt as a Keras 3 model via tf-keras, HDF5 |
 | other SavedModel dir (TF2 / TF-Hub, `model.export()`, TF1 signatures) | `HubLayer` |
 | `*.keras` | `keras.saving.load_model` (`safe_mode` honoured) |
 | `*.h5`, `*.hdf5` | Keras 3 legacy HDF5 loader, tf-keras fallback |
 | `"mobilenet_v2"`, `"resnet50"`, ... | `keras.applications`, `weights="imagenet"`, None or a file |
+
+A backbone whose input has no channel axis (`(H, W)`, e.g. an MLP starting
+with `Flatten`) is returned behind a `Reshape`, taking `(H, W, 1)` images, so
+every backbone takes `(H, W, C)`. Files that are not what their name says, an
+unreachable TF-Hub URL and models with several inputs are refused with a
+`ValueError` naming `source`.
 
 The returned `keras.Model` maps images to features and carries two plain
 attributes that `build_finetuner` reads: `tftransfer_source` and
@@ -20,11 +27,12 @@ attributes that `build_finetuner` reads: `tftransfer_source` and
 import os
 import tempfile
 import warnings
+import zipfile
 
 import keras
 
 from tftransfer._registry import close_matches
-from tftransfer.layers import HubLayer, is_hub_url
+from tftransfer.layers import HubLayer, is_hub_url, resolve_handle
 
 # name: (constructor, preprocessing mode, default input size)
 _APPS = keras.applications
@@ -68,7 +76,8 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
         input_shape: Optional tuple `(H, W, C)`. Needed where the source does
             not define it (hub objects with dynamic shapes, Keras 2
             `Sequential` models without an input); for applications it picks
-            the size (default: the catalogue's size).
+            the size (default: the catalogue's size). For a backbone on
+            `(H, W)` inputs, `(H, W)` or `(H, W, 1)`.
         weights: For applications only: `"imagenet"` (downloaded and cached
             by Keras), None (random), or a path to a weights file.
         output_layer: Optional layer name to cut the model at, to take
@@ -80,8 +89,14 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
         name: Optional name of the returned model.
 
     Returns:
-        A `keras.Model` from images to features, with attributes
+        A `keras.Model` from images `(H, W, C)` to features, with attributes
         `tftransfer_source` and `tftransfer_preprocessing`.
+
+    Raises:
+        ValueError: an unknown name, a missing path, a file that is not the
+            format its name says (a text file named `.keras`, a bad `.h5`, a
+            corrupt `saved_model.pb`), an unreachable TF-Hub URL, a model
+            with several inputs, or an `output_layer` it does not have.
 
     Example:
 
@@ -91,8 +106,10 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
     model, preprocessing = _dispatch(source, input_shape, weights, signature,
                                      output_key, safe_mode)
     model = _ensure_input(model, input_shape)
+    _check_single_input(model, source)
     if output_layer is not None:
         model = _cut(model, output_layer)
+    model = _add_channel_axis(model)
     if name:
         model.name = name
     model.tftransfer_source = getattr(source, "tftransfer_source", None) or (
@@ -112,6 +129,9 @@ def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
             f"application name. Received: source={source!r} of type {type(source).__name__}"
         )
     if is_hub_url(source) or source.startswith("hub:"):
+        local = resolve_handle(source, arg="source")  # A clear error offline; cached for the layer.
+        if os.path.exists(os.path.join(local, "saved_model.pb")):
+            _read_saved_model_proto(local)  # A clear error for a corrupt file.
         return _from_hub(source, input_shape, signature, output_key), "none"
     if os.path.exists(source):
         return _from_path(source, input_shape, signature, output_key, safe_mode), "none"
@@ -143,11 +163,13 @@ def _from_path(path, input_shape, signature, output_key, safe_mode):
                 f"Formats tried: {_FORMATS_TRIED}. Found: {sorted(os.listdir(path))[:10]}. "
                 f"Received: source={path!r}"
             )
-        if os.path.exists(os.path.join(path, "keras_metadata.pb")) and signature is None:
+        proto = _read_saved_model_proto(path) if os.path.exists(
+            os.path.join(path, "saved_model.pb")) else None  # A clear error for a corrupt file.
+        if _is_tf_keras_saved_model(path, proto) and signature is None:
             return _via_tf_keras(path)
         return _from_hub(path, input_shape, signature, output_key)
     if path.endswith(".keras"):
-        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        return _from_keras_file(path, safe_mode)
     if path.endswith((".h5", ".hdf5")):
         return _from_h5(path, safe_mode)
     raise ValueError(
@@ -156,7 +178,31 @@ def _from_path(path, input_shape, signature, output_key, safe_mode):
     )
 
 
+def _not_a_file_of(path, expected, error=None):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    reason = f" ({error})" if error else ""
+    return ValueError(
+        f"`source` is named like {expected}, but the file is not one{reason}: it starts with "
+        f"{head!r}. Pass a file written by Keras `model.save(...)` (or another format: "
+        f"{_FORMATS_TRIED}). Received: source={path!r}"
+    )
+
+
+def _from_keras_file(path, safe_mode):
+    if not zipfile.is_zipfile(path):
+        raise _not_a_file_of(path, "a .keras archive (a zip file)")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except (zipfile.BadZipFile, KeyError, OSError) as error:  # A damaged archive.
+        raise _not_a_file_of(path, "a .keras archive", error) from error
+
+
 def _from_h5(path, safe_mode):
+    import h5py  # Keras's own dependency for HDF5.
+
+    if not h5py.is_hdf5(path):
+        raise _not_a_file_of(path, "an HDF5 model file (.h5)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as keras3_error:  # A tf.keras 2 file Keras 3 cannot parse.
@@ -165,7 +211,51 @@ def _from_h5(path, safe_mode):
             "through tf-keras.",
             stacklevel=3,
         )
+    try:
         return _via_tf_keras(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _not_a_file_of(path, "an HDF5 model file with a Keras model in it", error) from error
+
+
+_TF_KERAS_IDENTIFIERS = ("_tf_keras_sequential", "_tf_keras_model", "_tf_keras_network")
+
+
+def _read_saved_model_proto(path):
+    """Parses `saved_model.pb`; a corrupt or empty one is a clear ValueError."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    pb_path = os.path.join(path, "saved_model.pb")
+    try:
+        with open(pb_path, "rb") as f:
+            proto.ParseFromString(f.read())
+    except DecodeError as error:
+        proto = error
+    if isinstance(proto, DecodeError) or not proto.meta_graphs:
+        reason = proto if isinstance(proto, DecodeError) else "it holds no MetaGraph"
+        raise ValueError(
+            f"`source` is a SavedModel directory whose saved_model.pb is corrupt or truncated "
+            f"({reason}); expected the protocol buffer `tf.saved_model.save` writes. "
+            f"Received: source={path!r}"
+        )
+    return proto
+
+
+def _is_tf_keras_saved_model(path, proto):
+    """A tf.keras 2 `model.save(dir)`: TF 2.5+ (`keras_metadata.pb`) or TF 2.0-2.4.
+
+    TF 2.0-2.4 kept the Keras metadata in the object graph: the root object is
+    a `user_object` with identifier `_tf_keras_sequential` (or `_model`,
+    `_network`) and its JSON config in `metadata`.
+    """
+    if os.path.exists(os.path.join(path, "keras_metadata.pb")):
+        return True
+    if proto is None:  # Only a saved_model.pbtxt.
+        return False
+    nodes = proto.meta_graphs[0].object_graph_def.nodes
+    root = nodes[0].user_object if nodes and nodes[0].HasField("user_object") else None
+    return bool(root and root.identifier in _TF_KERAS_IDENTIFIERS and root.metadata)
 
 
 def _via_tf_keras(path):
@@ -180,21 +270,32 @@ def _via_tf_keras(path):
 
 
 def _from_hub(handle, input_shape, signature, output_key):
+    local = resolve_handle(handle)
+    tf1_hub_module = os.path.exists(os.path.join(local, "tfhub_module.pb"))  # Empty tag set.
     layer = HubLayer(handle, signature=signature, output_key=output_key,
-                     tags=["serve"] if signature else None, name="hub")
+                     tags=["serve"] if signature and not tf1_hub_module else None, name="hub")
     shape = input_shape or _hub_input_shape(layer)
     inputs = keras.Input(shape, name="image")
-    return keras.Model(inputs, layer(inputs), name="hub_backbone")
+    outputs = layer(inputs)
+    if isinstance(outputs, dict):  # A callable returning a dict: its only or "default" output.
+        key = next(iter(outputs)) if len(outputs) == 1 else "default"
+        if key not in outputs:
+            raise ValueError(
+                f"The SavedModel {handle!r} returns outputs {sorted(outputs)}; pass `output_key=` "
+                "to choose the features. Received: output_key=None"
+            )
+        outputs = outputs[key]
+    return keras.Model(inputs, outputs, name="hub_backbone")
 
 
 def _hub_input_shape(layer):
-    """Reads `(H, W, C)` from the loaded function's input signature."""
+    """Reads `(H, W, C)` (or `(H, W)`) from the loaded function's input signature."""
     fn = layer._endpoint
     concrete = (getattr(fn, "concrete_functions", None) or [fn])[0]
     args, kwargs = concrete.structured_input_signature
     spec = (list(args) + list(kwargs.values()))[0]
     shape = tuple(spec.shape[1:])
-    if len(shape) != 3 or None in shape:
+    if len(shape) not in (2, 3) or None in shape:
         raise ValueError(
             f"The SavedModel {layer.handle!r} takes images of shape {shape}; pass "
             f"`input_shape=(H, W, C)`. Received: input_shape=None"
@@ -219,7 +320,7 @@ def _ensure_input(model, input_shape):
             )
         model.build((None, *input_shape))
     elif input_shape is not None and None not in model.input_shape[1:] and (
-            tuple(model.input_shape[1:]) != tuple(input_shape)):
+            tuple(model.input_shape[1:]) not in (tuple(input_shape), tuple(input_shape)[:-1])):
         raise ValueError(
             f"The backbone takes inputs of shape {tuple(model.input_shape[1:])}, "
             f"which does not match `input_shape`. Received: input_shape={tuple(input_shape)}"
@@ -229,6 +330,26 @@ def _ensure_input(model, input_shape):
         # `get_layer(...).output` work, so it can be cut and nested.
         model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     return model
+
+
+def _check_single_input(model, source):
+    if len(model.inputs) > 1:
+        names = [getattr(t, "name", "?") for t in model.inputs]
+        raise ValueError(
+            f"`source` is a model with {len(model.inputs)} inputs ({', '.join(names)}); a "
+            "backbone takes one image input, so multi-input models (e.g. a GAN generator "
+            f"taking latents and labels) cannot be fine-tuned as one. Received: source={source!r}"
+        )
+
+
+def _add_channel_axis(model):
+    """A backbone on `(H, W)` inputs takes `(H, W, 1)` images, through one Reshape."""
+    shape = tuple(model.input_shape[1:])
+    if len(shape) != 2:
+        return model
+    inputs = keras.Input((*shape, 1), name="image")
+    x = keras.layers.Reshape(shape, name="drop_channel_axis")(inputs)
+    return keras.Model(inputs, model(x), name=f"{model.name}_with_channel_axis")
 
 
 def _has_inputs(model):
