@@ -131,7 +131,7 @@ def test_new_formats_cut_freeze_and_fine_tune(name, cut, size, channel_axis):
     order = np.random.RandomState(0).permutation(len(x))
     train, val = (x[order[:400]], y[order[:400]]), (x[order[400:]], y[order[400:]])
     model = build_finetuner(_source(name), num_classes=5, output_layer=cut, learning_rate=3e-3)
-    backbone = model.get_layer("backbone")
+    backbone = model.backbone
     assert leaf_layers(backbone)[-1].name == cut
     assert tuple(model.input_shape[1:]) == ((size, size, 3) if channel_axis else (size, size, 1))
     before = weights_of(backbone)
