@@ -6,10 +6,10 @@ with `JSONDecodeError`. Here each file is written to a temporary file in the
 same directory and renamed over the old one (`tftransfer._lock`), by
 subclassing only:
 
-- `Stateful.save(fname)` / `Stateful.reload(fname)` are where `Oracle.save()`
-  (`oracle.json`) and `BaseTuner.save()` (`<tuner_id>.json`) end up.
-  `_AtomicState` overrides them and sits just above KerasTuner's `Stateful` in
-  the method resolution order of our tuner and oracle classes.
+- `Stateful.save(fname)` is where `Oracle.save()` (`oracle.json`) and
+  `BaseTuner.save()` (`<tuner_id>.json`) end up. `_AtomicState` overrides
+  it and sits just above KerasTuner's `Stateful` in the method resolution
+  order of our tuner and oracle classes.
 - `trial.json` files are written by the oracle's `_save_trial(trial)`; that
   private hook is the only one that reaches them, so `_OracleFiles`
   overrides it.
@@ -21,6 +21,9 @@ Two files are still written one after the other when a trial starts: its
 `trial.json`, then `oracle.json`. A kill between the two leaves a trial file
 the oracle never recorded; on reload it is dropped, and the oracle (whose
 seed state is that of before the trial) creates the same trial again.
+
+A kill mid-write leaves a `.tmp-*` file, which reloading never reads;
+`remove_leftovers` deletes them when the next run starts.
 """
 
 import glob
@@ -44,7 +47,7 @@ def _stateful_class():
 
 
 class _AtomicState(_stateful_class()):
-    """`Stateful` whose files are renamed into place and reload past leftovers."""
+    """`Stateful` whose files are written to a temporary file and renamed into place."""
 
     def save(self, fname):
         """Writes `get_state()` as JSON to `fname` atomically; returns the JSON."""
@@ -52,13 +55,6 @@ class _AtomicState(_stateful_class()):
         atomic_write_text(fname, text)
         return text
 
-    def reload(self, fname):
-        """Deletes leftover temporary files next to `fname`, then reloads it."""
-        directory = os.path.dirname(fname)
-        remove_temp_files(directory)
-        for trial_dir in glob.glob(os.path.join(directory, "trial_*")):
-            remove_temp_files(trial_dir)
-        return super().reload(fname)
 
 
 class _OracleFiles:
@@ -104,3 +100,18 @@ class AtomicTuner(kt.Tuner, _AtomicState):
     def __init__(self, oracle, hypermodel=None, **kwargs):
         oracle.__class__ = atomic_oracle_class(type(oracle))
         super().__init__(oracle, hypermodel, **kwargs)
+
+def remove_leftovers(directory):
+    """Deletes the temporary files of writes a kill interrupted in a search directory.
+
+    Reloading never reads them (KerasTuner reads `oracle.json`,
+    `<tuner_id>.json` and `trial_*/trial.json` only); the search's top
+    process calls this under its lock, never while another process writes.
+
+    Returns:
+        The number of files deleted.
+    """
+    removed = remove_temp_files(directory)
+    for trial_dir in glob.glob(os.path.join(directory, "trial_*")):
+        removed += remove_temp_files(trial_dir)
+    return removed

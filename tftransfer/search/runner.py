@@ -25,7 +25,7 @@ from tftransfer import distribute
 from tftransfer._lock import LOCK_FILE, atomic_write_json, atomic_write_text
 from tftransfer.search import _guard, report, sources
 from tftransfer.search import config as config_lib
-from tftransfer.search._atomic import AtomicTuner
+from tftransfer.search._atomic import AtomicTuner, remove_leftovers
 from tftransfer.search.hypermodel import FineTuneHyperModel
 
 CONFIG_FILE = "config.yaml"
@@ -271,6 +271,7 @@ def prepare_directory(cfg, overwrite=False, trials_only=False):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(directory, exist_ok=True)
     if not trials_only:
+        remove_leftovers(directory)
         atomic_write_text(os.path.join(directory, CONFIG_FILE), config_lib.dump(cfg))
         _guard.write_fingerprint(directory, cfg["data"])
 
