@@ -186,3 +186,59 @@ def test_rerun_on_other_data_is_refused(tmp_path, monkeypatch, capsys, digits_ta
     err = capsys.readouterr().err
     assert "holds a search on other data" in err and "--overwrite" in err
     assert _snapshot("search") == before
+
+
+# ----------------------------------------------- KerasTuner state files (_atomic)
+
+
+def _declare(hp):
+    hp.Float("x", 0.0, 1.0)
+    hp.Choice("k", [1, 2, 3, 4])
+
+
+def _quick_tuner(directory, max_trials):
+    """A RandomSearch with our atomic files whose trials just score their values."""
+    import keras_tuner as kt
+
+    from tftransfer.search._atomic import AtomicTuner
+
+    def run_trial(self, trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        return {"score": hp["x"] * hp["k"]}
+
+    cls = type("RandomSearch", (kt.RandomSearch, AtomicTuner), {"run_trial": run_trial})
+    return cls(hypermodel=_declare, objective=kt.Objective("score", "max"),
+               max_trials=max_trials, seed=3, directory=str(directory.parent),
+               project_name=directory.name)
+
+
+def test_state_files_are_replaced_never_rewritten_in_place(tmp_path):
+    tuner = _quick_tuner(tmp_path / "s", 1)
+    tuner.search()
+    with open(tmp_path / "s" / "oracle.json") as old_oracle, \
+            open(tmp_path / "s" / "trial_0" / "trial.json") as old_trial:
+        tuner = _quick_tuner(tmp_path / "s", 2)
+        tuner.search()  # saves oracle.json and trial files again
+        # A reader (or a kill) during the writes sees the whole old file.
+        assert json.load(old_oracle)["end_order"] == ["0"]
+        assert json.load(old_trial)["trial_id"] == "0"
+    assert json.loads((tmp_path / "s" / "oracle.json").read_text())["end_order"] == ["0", "1"]
+    assert not list((tmp_path / "s").rglob(".tmp-*"))
+
+
+def test_trial_file_the_oracle_never_recorded_is_created_again(tmp_path):
+    """A kill between a new trial's trial.json and oracle.json: the same trial runs again."""
+    uninterrupted = _quick_tuner(tmp_path / "whole", 3)
+    uninterrupted.search()
+    tuner = _quick_tuner(tmp_path / "killed", 2)
+    tuner.search()
+    orphan = json.loads((tmp_path / "killed" / "trial_1" / "trial.json").read_text())
+    orphan.update(trial_id="2", status="RUNNING", score=None, metrics={"metrics": {}})
+    os.makedirs(tmp_path / "killed" / "trial_2")
+    (tmp_path / "killed" / "trial_2" / "trial.json").write_text(json.dumps(orphan))
+    resumed = _quick_tuner(tmp_path / "killed", 3)
+    assert sorted(resumed.oracle.trials) == ["0", "1"]
+    resumed.search()
+    assert _trials(tmp_path / "killed") == _trials(tmp_path / "whole")
+    assert [t.hyperparameters.values for t in resumed.oracle.trials.values()] == \
+        [t.hyperparameters.values for t in uninterrupted.oracle.trials.values()]
