@@ -154,6 +154,16 @@ def test_image_size_and_per_class_flags(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == ["c.yaml"]
 
 
+def test_search_directory_that_is_a_file_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = _write("c.yaml", _tiny())
+    pathlib.Path("search").write_text("a user's file")
+    assert main(["--config", config]) == 2
+    assert "Invalid config at `run.directory`: expected a directory this process can create " \
+        "and write (FileExistsError: File exists). Received: 'search'" in capsys.readouterr().err
+    assert pathlib.Path("search").read_text() == "a user's file"
+
+
 # ----------------------------------------------------------------- other data
 
 

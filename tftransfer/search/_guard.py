@@ -34,13 +34,18 @@ def search_lock(cfg, trials_only=False):
 
     Raises:
         LockedError: Another live process searches in this directory.
+        ConfigError: The directory cannot be created or written.
     """
     if trials_only or os.environ.get(_CLUSTER_ROLE) is not None:
         yield None
         return
     directory = _own_directory(cfg)
     created = not os.path.isdir(directory)
-    lock = DirectoryLock(directory, "search directory").acquire()
+    try:
+        lock = DirectoryLock(directory, "search directory").acquire()
+    except OSError as e:  # a file in the way, no permission, ...
+        raise ConfigError("run.directory", f"a directory this process can create and write "
+                          f"({type(e).__name__}: {e.strerror})", directory) from None
     try:
         yield lock
     finally:
