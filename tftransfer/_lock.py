@@ -116,6 +116,8 @@ class DirectoryLock:
             who += f" on {info['host']}"
         if info.get("started"):
             who += f" (started {info['started']})"
+        if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+            who += ", which has ended but left child processes that still hold the lock"
         return (f"The {self.what} {self.directory!r} is in use by {who}. Wait for it to "
                 f"finish or stop it (kill {info.get('pid', '<pid>')}), or choose another "
                 "directory.")
@@ -174,6 +176,17 @@ def remove_temp_files(directory):
                 os.remove(os.path.join(directory, name))
                 removed += 1
     return removed
+
+
+def _alive(pid):
+    """True unless `pid` is certainly not a running process on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, ValueError):
+        return True
+    return True
 
 
 def _file_mode(path):
