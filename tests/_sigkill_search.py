@@ -9,13 +9,16 @@ runs in this process before forking). Each child prints `started` and runs
 1. A reference child searches WORKDIR/reference uninterrupted; the times of
    its lines give the run's milestones: start, each `trial N | ...` line,
    exit.
-2. KILLS moments are drawn (seeded) over the reference run's length and
-   sorted. A moment in the segment after milestone k is aimed at the same
+2. KILLS moments are drawn (seeded, one in each of KILLS equal slices of
+   the reference run's length, so every phase longer than two slices gets
+   one). A moment in the segment after milestone k is aimed at the same
    offset into that segment: the harness waits until trial k-1 has
    completed (its line in this child's output, or already on disk at the
    child's start), then waits the offset and kills the child with SIGKILL.
    The search therefore always moves forward, and kills land in start-up,
-   training, trial ends, the report and the export alike.
+   training, trial ends, the report and the export alike. A child that
+   ends before its kill (the machine got faster than in the reference run)
+   is rerun with half the offset, until the kill lands.
 3. After the last kill a child resumes WORKDIR/killed to the end.
 
 Prints one JSON line: reference and final exit codes, the kills that
@@ -120,20 +123,22 @@ def reference(config, directory):
 def kill_run(config, directory, milestones, kills, seed):
     """Kills the search at `kills` seeded moments; returns the kill records."""
     rng = random.Random(seed)
-    moments = sorted(rng.uniform(0, milestones[-1]) for _ in range(kills))
+    width = milestones[-1] / kills
+    moments = [(i + rng.random()) * width for i in range(kills)]
     records = []
     for moment in moments:
         segment = max(k for k, t in enumerate(milestones[:-1]) if t <= moment)
         offset = moment - milestones[segment]
-        for _ in range(5):  # a kill aimed past the child's end is tried again
+        for attempt in range(12):  # a kill aimed past the child's end: half the offset
             child = Child(config, directory)
             child.wait_line(lambda line: line == "started")
             if _completed_on_disk(directory) < segment:  # wait for trial segment-1's end
                 child.wait_line(lambda line, k=segment: _is_trial_line(line)
                                 and _completed_on_disk(directory) >= k)
-            if not child.wait_exit(offset):
+            if not child.wait_exit(offset / 2 ** attempt):
                 child.kill()
-                records.append({"segment": segment, "offset": round(offset, 2)})
+                records.append({"segment": segment, "offset": round(offset, 2),
+                                "attempt": attempt})
                 break
     return records
 

@@ -64,7 +64,7 @@ def test_search_survives_sigkill_at_20_random_moments(tmp_path):
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["reference_code"] == 0 and result["final_code"] == 0, result
     assert len(result["kills"]) == 20
-    assert {k["segment"] for k in result["kills"]} == {0, 1, 2, 3}  # start, 3 trials, finish
+    assert {0, 1, 2} <= {k["segment"] for k in result["kills"]}  # during each trial
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert _trials(killed) == _trials(reference)  # same ids, statuses and scores

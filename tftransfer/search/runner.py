@@ -204,8 +204,8 @@ def _run(cfg, overwrite, out, trials_only):
     if role is None:
         check_directory(directory, cfg, overwrite)
     data = _load_data(cfg)
-    if role is None and not trials_only:
-        _guard.check_backbones(cfg)
+    if role is None and not trials_only and (overwrite or not _resumes(directory)):
+        _guard.check_backbones(cfg)  # a search being resumed was checked when it began
     if role is None:
         prepare_directory(cfg, overwrite, trials_only)
     isolate = cfg["run"]["isolate_trials"] and not trials_only and role is None
@@ -225,6 +225,10 @@ def _run(cfg, overwrite, out, trials_only):
             return {"directory": directory, "rows": rows, "best": None,
                     "export": None, "tuner": tuner, "worker": True}
         return _finish(cfg, tuner, hypermodel, data, directory, out)
+
+
+def _resumes(directory):
+    return os.path.exists(os.path.join(directory, CONFIG_FILE))
 
 
 def _for_this_worker(cfg, strategy):
