@@ -56,7 +56,6 @@ class _AtomicState(_stateful_class()):
         return text
 
 
-
 class _OracleFiles:
     """Oracle mixin: atomic trial files; trials the oracle never recorded dropped."""
 
@@ -67,6 +66,7 @@ class _OracleFiles:
         atomic_write_text(path, json.dumps(trial.get_state()))
 
     def set_state(self, state):
+        """`Oracle.set_state`, without the trials `state` never started."""
         started = state.get("start_order")
         if started is not None:  # a kill between a new trial.json and oracle.json
             started = set(started)
@@ -100,6 +100,7 @@ class AtomicTuner(kt.Tuner, _AtomicState):
     def __init__(self, oracle, hypermodel=None, **kwargs):
         oracle.__class__ = atomic_oracle_class(type(oracle))
         super().__init__(oracle, hypermodel, **kwargs)
+
 
 def remove_leftovers(directory):
     """Deletes the temporary files of writes a kill interrupted in a search directory.
