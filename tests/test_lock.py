@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import ROOT
@@ -105,3 +106,31 @@ def test_leftover_temp_files_are_removed(tmp_path):
     (tmp_path / "oracle.json").write_text("{}")
     assert remove_temp_files(tmp_path) == 1
     assert os.listdir(tmp_path) == ["oracle.json"]
+
+
+_FORKING_HOLDER = _HOLDER.replace('print("locked", flush=True)', """import os
+if os.fork() == 0:  # a child inherits the locked descriptor and outlives its parent
+    sys.stdin.read()
+    os._exit(0)
+print("locked", flush=True)""")
+
+
+def test_child_process_left_by_a_killed_holder_keeps_the_lock(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _FORKING_HOLDER,
+                             str(ROOT / "tftransfer" / "_lock.py"), str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    proc.kill()
+    proc.wait(timeout=30)
+    with pytest.raises(LockedError, match=rf"process {proc.pid} .*which has ended but left child "
+                                          "processes that still hold the lock"):
+        DirectoryLock(tmp_path).acquire()
+    proc.stdin.close()  # the child reads EOF and exits: the lock is free
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            DirectoryLock(tmp_path).acquire().release()
+            break
+        except LockedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

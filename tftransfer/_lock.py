@@ -19,11 +19,14 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 
 LOCK_FILE = ".lock"
 TEMP_PREFIX = ".tmp-"  # temporary files of atomic writes start with this
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 
 class LockedError(RuntimeError):
@@ -113,6 +116,8 @@ class DirectoryLock:
             who += f" on {info['host']}"
         if info.get("started"):
             who += f" (started {info['started']})"
+        if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+            who += ", which has ended but left child processes that still hold the lock"
         return (f"The {self.what} {self.directory!r} is in use by {who}. Wait for it to "
                 f"finish or stop it (kill {info.get('pid', '<pid>')}), or choose another "
                 "directory.")
@@ -140,6 +145,7 @@ def atomic_write_text(path, text):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=directory)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600; keep the usual mode
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -170,6 +176,25 @@ def remove_temp_files(directory):
                 os.remove(os.path.join(directory, name))
                 removed += 1
     return removed
+
+
+def _alive(pid):
+    """True unless `pid` is certainly not a running process on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _file_mode(path):
+    """The mode of the file being replaced, else 0666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def _fsync_directory(directory):

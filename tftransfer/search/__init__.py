@@ -1,7 +1,8 @@
 """Hyperparameter search over tftransfer fine-tuning: `python -m tftransfer.search`.
 
     python -m tftransfer.search --config tuner_configs/quickstart.yaml
-        [--data SOURCE] [--backbone A[,B...]] [--tuner random|bayesian|hyperband|grid]
+        [--data SOURCE] [--backbone A[,B...]] [--image-size N | H,W] [--per-class N]
+        [--tuner random|bayesian|hyperband|grid]
         [--max-trials N] [--epochs N | HEAD,FINE_TUNE] [--directory DIR]
         [--export-dir DIR] [--strategy none|auto|mirrored|multi_worker|one_device] [--overwrite]
 
@@ -12,9 +13,12 @@ printed per trial, then the ranked table. The search directory holds
 `best_hyperparameters.yaml` (`build_finetuner:` and `fine_tune:` sections,
 usable as `**kwargs`), `features/` (the frozen backbone's features, computed
 by the first trial and read by the others) and `export/<version>/` (TF
-Serving). Rerunning the same command resumes; a changed config is refused
-unless `--overwrite`. Each trial is seeded from `tuner.seed` and its values,
-so the same config gives the same scores.
+Serving). Rerunning the same command resumes, also after a kill (state
+files are renamed into place); a changed config or other data is refused
+unless `--overwrite`, and a directory another search is using is refused
+(exit 2, `LockedError` naming its PID). Each backbone choice is loaded on
+the configured image size before anything is written. Each trial is seeded
+from `tuner.seed` and its values, so the same config gives the same scores.
 
 Config (YAML; every key optional except `search_space.backbone`):
 
@@ -56,7 +60,8 @@ Example:
 >>> result["best"]["score"], result["export"]
 """
 
+from tftransfer._lock import LockedError
 from tftransfer.search.config import ConfigError, load_config, validate
 from tftransfer.search.runner import DirectoryError, run
 
-__all__ = ["ConfigError", "DirectoryError", "load_config", "run", "validate"]
+__all__ = ["ConfigError", "DirectoryError", "LockedError", "load_config", "run", "validate"]

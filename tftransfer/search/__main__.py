@@ -26,6 +26,18 @@ def _epochs(text):
     return (values * 2)[:2]
 
 
+def _image_size(text):
+    """`N` (square) or `HEIGHT,WIDTH`, as a list of integers >= 8."""
+    try:
+        values = [int(p) for p in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 8 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected N or HEIGHT,WIDTH (integers >= 8), received {text!r}")
+    return (values * 2)[:2]
+
+
 def _positive(text):
     try:
         value = int(text)
@@ -46,6 +58,10 @@ def parser():
                "Config reference: `help(tftransfer.search)`; examples in tuner_configs/.")
     p.add_argument("--config", required=True, help="YAML search config (see tuner_configs/).")
     p.add_argument("--data", help="Override data.source: digits, a folder or tfds:<name>.")
+    p.add_argument("--image-size", type=_image_size,
+                   help="Override data.image_size: N (square) or HEIGHT,WIDTH.")
+    p.add_argument("--per-class", type=_positive,
+                   help="Override data.per_class (digits only): training images per class.")
     p.add_argument("--backbone", help="Override search_space.backbone (comma list = choice).")
     p.add_argument("--tuner", choices=config_lib.TUNERS, help="Override tuner.kind.")
     p.add_argument("--max-trials", type=_positive, help="Override tuner.max_trials.")
@@ -76,7 +92,15 @@ def overrides(args):
     out = {k: v for k, v in out.items() if v is not None}
     if args.data and args.data != "digits":  # Digits-only keys do not apply.
         out.update({"data.classes": None, "data.per_class": None})
+    out.update(_data_overrides(args))
     return out
+
+
+def _data_overrides(args):
+    """`--image-size` and `--per-class` (after the reset above: a folder with
+    `--per-class` is then refused by the config check)."""
+    pairs = {"data.image_size": args.image_size, "data.per_class": args.per_class}
+    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def main(argv=None):
@@ -93,6 +117,7 @@ def main(argv=None):
         args = parser().parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 2
+    from tftransfer._lock import LockedError
     from tftransfer.search import runner
 
     try:
@@ -105,7 +130,7 @@ def main(argv=None):
         if args.workers:
             return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
         result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only)
-    except (config_lib.ConfigError, runner.DirectoryError) as e:
+    except (config_lib.ConfigError, runner.DirectoryError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
@@ -115,12 +140,16 @@ def main(argv=None):
 def _cluster(cfg, args, argv):
     """Runs this command as a KerasTuner chief plus `--workers` workers."""
     from tftransfer.distribute import launch_tuning_cluster
-    from tftransfer.search import runner
+    from tftransfer.search import _guard, runner
 
-    runner.prepare_directory(cfg, overwrite=args.overwrite)
-    child = _without(argv, "--workers", takes_value=True)
-    child = _without(child, "--overwrite", takes_value=False)
-    return launch_tuning_cluster([sys.executable, "-m", "tftransfer.search", *child], args.workers)
+    with _guard.search_lock(cfg):  # the chief and workers run under this lock
+        runner.check_directory(cfg["run"]["directory"], cfg, args.overwrite)
+        _guard.check_backbones(cfg)
+        runner.prepare_directory(cfg, overwrite=args.overwrite)
+        child = _without(argv, "--workers", takes_value=True)
+        child = _without(child, "--overwrite", takes_value=False)
+        return launch_tuning_cluster([sys.executable, "-m", "tftransfer.search", *child],
+                                     args.workers)
 
 
 def _without(argv, flag, takes_value):

@@ -22,8 +22,10 @@ import tensorflow as tf
 import yaml
 
 from tftransfer import distribute
+from tftransfer._lock import LOCK_FILE, atomic_write_json, atomic_write_text
+from tftransfer.search import _guard, report, sources
 from tftransfer.search import config as config_lib
-from tftransfer.search import report, sources
+from tftransfer.search._atomic import AtomicTuner, remove_leftovers
 from tftransfer.search.hypermodel import FineTuneHyperModel
 
 CONFIG_FILE = "config.yaml"
@@ -71,11 +73,16 @@ def check_directory(directory, cfg, overwrite):
             f"The search directory {directory!r} holds a search with another config "
             f"(changed: {', '.join(changed)}). Rerun with --overwrite to delete it and start "
             "over, or choose another --directory.")
+    data_change = _guard.fingerprint_change(directory, cfg["data"])
+    if data_change:
+        raise DirectoryError(
+            f"The search directory {directory!r} holds a search on other data: {data_change}. "
+            "Rerun with --overwrite to delete it and start over, or choose another --directory.")
 
 
 def _entries(directory):
-    """The directory's entries, without the other workers' folder."""
-    return [n for n in os.listdir(directory) if n != WORKERS_DIR]
+    """The directory's entries, without the other workers' folder and the lock."""
+    return [n for n in os.listdir(directory) if n not in (WORKERS_DIR, LOCK_FILE)]
 
 
 def make_strategy(name):
@@ -109,8 +116,7 @@ class _Reporting:
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         self.seconds[trial.trial_id] = time.time() - self._started.pop(trial.trial_id)
-        with open(self._times_path, "w") as f:
-            json.dump(self.seconds, f)
+        atomic_write_json(self._times_path, self.seconds)
         row = report.trial_row(self.oracle.get_trial(trial.trial_id),
                                self.seconds[trial.trial_id])
         replicas = self.hypermodel.last_fit.get("replicas")
@@ -145,7 +151,7 @@ def make_tuner(cfg, hypermodel, directory, out=print):
         kwargs.update(max_epochs=t["max_epochs"], factor=t["factor"])
     else:
         kwargs["max_trials"] = t["max_trials"]
-    cls = type(_TUNERS[t["kind"]].__name__, (_Reporting, _TUNERS[t["kind"]]), {})
+    cls = type(_TUNERS[t["kind"]].__name__, (_Reporting, _TUNERS[t["kind"]], AtomicTuner), {})
     hypermodel.declare_only = True  # KerasTuner builds once to collect the space.
     try:
         tuner = cls(hypermodel, **kwargs)
@@ -164,6 +170,9 @@ def _rows(tuner):
 def run(cfg, overwrite=False, out=print, trials_only=False):
     """Runs (or resumes) the search a validated config describes.
 
+    The top process holds the search directory's lock for the whole run
+    (`tftransfer._lock.DirectoryLock`); trial processes run under it.
+
     Args:
         cfg: A config from `tftransfer.search.config.validate`.
         overwrite: Delete the search directory first.
@@ -177,8 +186,14 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
 
     Raises:
         DirectoryError: The directory holds another search (no `overwrite`).
-        ConfigError: The data cannot be loaded.
+        ConfigError: The data cannot be loaded, or a backbone does not take it.
+        LockedError: Another process searches in the directory.
     """
+    with _guard.search_lock(cfg, trials_only):
+        return _run(cfg, overwrite, out, trials_only)
+
+
+def _run(cfg, overwrite, out, trials_only):
     strategy, other_worker = None, False
     if cfg["run"]["strategy"] == "multi_worker":  # before any other op runs (TF_CONFIG)
         strategy = make_strategy("multi_worker")
@@ -189,6 +204,8 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
     if role is None:
         check_directory(directory, cfg, overwrite)
     data = _load_data(cfg)
+    if role is None and not trials_only and (overwrite or not _resumes(directory)):
+        _guard.check_backbones(cfg)  # a search being resumed was checked when it began
     if role is None:
         prepare_directory(cfg, overwrite, trials_only)
     isolate = cfg["run"]["isolate_trials"] and not trials_only and role is None
@@ -208,6 +225,10 @@ def run(cfg, overwrite=False, out=print, trials_only=False):
             return {"directory": directory, "rows": rows, "best": None,
                     "export": None, "tuner": tuner, "worker": True}
         return _finish(cfg, tuner, hypermodel, data, directory, out)
+
+
+def _resumes(directory):
+    return os.path.exists(os.path.join(directory, CONFIG_FILE))
 
 
 def _for_this_worker(cfg, strategy):
@@ -254,8 +275,9 @@ def prepare_directory(cfg, overwrite=False, trials_only=False):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(directory, exist_ok=True)
     if not trials_only:
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(config_lib.dump(cfg))
+        remove_leftovers(directory)
+        atomic_write_text(os.path.join(directory, CONFIG_FILE), config_lib.dump(cfg))
+        _guard.write_fingerprint(directory, cfg["data"])
 
 
 def _search(tuner, out):
@@ -328,10 +350,9 @@ def _finish(cfg, tuner, hypermodel, data, directory, out):
 def write_best(path, hypermodel, trial, objective):
     """Writes the best trial's `build_finetuner` and `fine_tune` arguments."""
     build, fit = hypermodel.settings(trial.hyperparameters)
-    with open(path, "w") as f:
-        yaml.safe_dump({"trial_id": trial.trial_id, "objective": objective,
-                        "score": float(trial.score), "build_finetuner": build,
-                        "fine_tune": fit}, f, sort_keys=False)
+    atomic_write_text(path, yaml.safe_dump({"trial_id": trial.trial_id, "objective": objective,
+                                            "score": float(trial.score), "build_finetuner": build,
+                                            "fine_tune": fit}, sort_keys=False))
 
 
 def export_best(tuner, trial, data, export_dir, directory, out):
@@ -350,7 +371,6 @@ def export_best(tuner, trial, data, export_dir, directory, out):
     model = tuner.load_model(trial)
     path = export_for_serving(model, export_dir, class_names=data.class_names,
                               metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
-    with open(state_path, "w") as f:
-        json.dump({"trial_id": trial.trial_id, "path": path}, f)
+    atomic_write_json(state_path, {"trial_id": trial.trial_id, "path": path})
     out(f"Best trial {trial.trial_id} ({trial.score:.4f}) exported to {path}")
     return path
