@@ -8,13 +8,26 @@ Example:
 
 __version__ = "0.1.0"
 
-from tftransfer.backbones import APPLICATIONS, load_backbone
-from tftransfer.finetuner import build_finetuner
-from tftransfer.freezing import describe_trainable
-from tftransfer.layers import HubLayer, ImagePreprocessing
-from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
-from tftransfer.reports import evaluate_classifier, format_report
-from tftransfer.train import fine_tune
+import importlib
+
+# Public name -> module. Imported on first use (PEP 562), so that importing a
+# submodule (`python -m tftransfer.search --help`, a config check) does not
+# load TensorFlow.
+_LAZY = {
+    "APPLICATIONS": "backbones",
+    "HubLayer": "layers",
+    "ImagePreprocessing": "layers",
+    "build_finetuner": "finetuner",
+    "describe_trainable": "freezing",
+    "evaluate_classifier": "reports",
+    "export_for_serving": "export",
+    "fine_tune": "train",
+    "format_report": "reports",
+    "get_optimizer": "optim",
+    "get_regularizer": "optim",
+    "get_schedule": "optim",
+    "load_backbone": "backbones",
+}
 
 __all__ = [
     "APPLICATIONS",
@@ -34,9 +47,12 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Imported on first use, so `python -m tftransfer.export` runs cleanly.
-    if name == "export_for_serving":
-        from tftransfer.export import export_for_serving
-
-        return export_for_serving
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"tftransfer.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'tftransfer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

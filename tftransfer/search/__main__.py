@@ -8,9 +8,7 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tftransfer.search import config as config_lib  # noqa: E402
+from tftransfer.search import config as config_lib  # TensorFlow is imported when needed
 
 
 def _epochs(text):
@@ -59,6 +57,8 @@ def parser():
     p.add_argument("--workers", type=_positive,
                    help="Run a KerasTuner chief and this many workers on this host "
                         "(one GPU per worker when there are GPUs).")
+    p.add_argument("--verbose", action="store_true",
+                   help="Keep TensorFlow's native start-up lines (CUDA probing, CPU features).")
     p.add_argument("--trials-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -93,7 +93,9 @@ def main(argv=None):
         args = parser().parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 2
-    from tftransfer.search import runner
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tftransfer.search import runner  # imports no TensorFlow
 
     try:
         cfg = config_lib.load_config(args.config, overrides(args))
@@ -104,7 +106,8 @@ def main(argv=None):
                 "with TF_CONFIG)", "multi_worker")
         if args.workers:
             return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
-        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only)
+        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only,
+                            verbose=args.verbose)
     except (config_lib.ConfigError, runner.DirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -114,8 +117,10 @@ def main(argv=None):
 
 def _cluster(cfg, args, argv):
     """Runs this command as a KerasTuner chief plus `--workers` workers."""
-    from tftransfer.distribute import launch_tuning_cluster
-    from tftransfer.search import runner
+    from tftransfer.search import _quiet, runner
+
+    with _quiet.native_startup(args.verbose):
+        from tftransfer.distribute import launch_tuning_cluster
 
     runner.prepare_directory(cfg, overwrite=args.overwrite)
     child = _without(argv, "--workers", takes_value=True)
