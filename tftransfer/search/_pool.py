@@ -10,9 +10,11 @@ fresh one continues. The search directory stays the one source of truth:
 every worker reloads the tuner from it, and one worker runs at a time.
 
 A worker that dies (killed, out of memory, a crash in native code) leaves
-its trial RUNNING in the oracle; the next worker records it FAILED with the
-reason through KerasTuner (`Tuner.on_trial_end`, so `Oracle.end_trial`) and
-goes on with the search. The last worker writes the report and the export.
+its trial RUNNING in the oracle, which KerasTuner retries first when the
+next worker reloads the tuner; that worker fails it at once with the reason
+(a `FailedTrialError` from `run_trial`), so KerasTuner records it FAILED
+(`Oracle.end_trial`), and goes on with the search. The last worker writes
+the report and the export.
 
 Protocol: the chief writes commands to the worker's stdin, one JSON object a
 line (`start`, `search`, `finish`; the end of

@@ -14,7 +14,6 @@ import queue
 import signal
 import sys
 import threading
-import time
 import warnings
 
 from tftransfer.search import _quiet, runner
@@ -27,24 +26,41 @@ class _Recycle(Exception):
 
 
 class _Pooled:
-    """Tuner mixin: reports each trial to the chief and leaves when due."""
+    """Tuner mixin: reports each trial to the chief, fails a dead worker's trial, leaves when due."""
 
     def _setup_pool(self, send, max_trials, max_growth_mb):
         self._send, self._max_trials, self._max_growth = send, max_trials, max_growth_mb
-        self._begun, self._baseline = [], None
+        self._begun, self._baseline, self._died = [], None, {}
+
+    def fail_on_retry(self, trial_id, reason, seconds):
+        """Fails trial `trial_id` when KerasTuner retries it: its worker died in it.
+
+        Reloading a tuner sends the trials that were running to be retried
+        first; this one then fails at once with `reason` (a
+        `FailedTrialError`), so KerasTuner records it FAILED, prints its
+        line and counts it towards `max_consecutive_failed_trials`.
+        """
+        self._died[trial_id] = (reason, seconds)
 
     def on_trial_begin(self, trial):
         self._begun.append(trial.trial_id)
         last = len(self._begun) >= self._max_trials and self._more_to_come()
         self._send("begin", trial_id=trial.trial_id, last=last)
         super().on_trial_begin(trial)
+        if trial.trial_id in self._died:  # its time: the dead worker's
+            self._started[trial.trial_id] -= self._died[trial.trial_id][1]
+
+    def run_trial(self, trial, *args, **kwargs):
+        if trial.trial_id in self._died:
+            import keras_tuner as kt
+
+            raise kt.errors.FailedTrialError(self._died.pop(trial.trial_id)[0])
+        return super().run_trial(trial, *args, **kwargs)
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         rss = _rss_mb()
         self._send("end", trial_id=trial.trial_id, rss_mb=rss)
-        if trial.trial_id not in self._begun:
-            return  # a trial of a worker that died, recorded here
         self._baseline = rss if self._baseline is None else self._baseline
         grown = self._max_growth is not None and rss - self._baseline > self._max_growth
         if (len(self._begun) >= self._max_trials or grown) and self._more_to_come():
@@ -53,19 +69,6 @@ class _Pooled:
     def _more_to_come(self):
         limit = self.oracle.max_trials
         return limit is None or len(self.oracle.trials) < limit
-
-    def record_failure(self, trial_id, reason, seconds):
-        """Ends a trial its worker could not end (it died) as FAILED, with the reason.
-
-        Through the tuner's `on_trial_end`, so KerasTuner's oracle records it
-        (`Oracle.end_trial`) and saves, and the trial line is printed.
-        """
-        trial = self.oracle.get_trial(trial_id)
-        if str(trial.status) != "RUNNING":
-            return  # it ended before its worker died
-        trial.status, trial.message = "FAILED", reason
-        self._started[trial_id] = time.time() - seconds
-        self.on_trial_end(trial)
 
 
 def _rss_mb():
@@ -98,9 +101,10 @@ class _Worker:
 
     def search(self, failed=None):
         self._ensure_tuner()
-        before = None if failed is None else (lambda: self.tuner.record_failure(**failed))
+        if failed is not None:
+            self.tuner.fail_on_retry(**failed)
         try:
-            runner.search(self.tuner, print, before)
+            runner.search(self.tuner, print)
         except _Recycle:
             self.send("recycle")
             os._exit(0)

@@ -307,18 +307,9 @@ def prepare_directory(cfg, overwrite=False, trials_only=False):
             f.write(config_lib.dump(cfg))
 
 
-def search(tuner, out, before=None):
-    """Runs the tuner's missing trials; KerasTuner's failure limit ends it quietly.
-
-    Args:
-        tuner: The tuner of `make_tuner`.
-        out: Callable printing one line.
-        before: Optional callable run first, inside the same guard (a trial
-            worker records its predecessor's trial as failed there).
-    """
+def search(tuner, out):
+    """Runs the tuner's missing trials; KerasTuner's failure limit ends it quietly."""
     try:
-        if before is not None:
-            before()
         tuner.search(verbose=0)
     except RuntimeError as e:  # KerasTuner's max_consecutive_failed_trials.
         if "consecutive failures" not in str(e):
