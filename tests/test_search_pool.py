@@ -145,6 +145,15 @@ def test_help_and_config_errors_do_not_import_tensorflow(tmp_path):
             "Received: 0") in proc.stderr
 
 
+def test_data_that_does_not_load_exits_2_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tftransfer.search", "--config",
+                           _config(tmp_path), "--data", "no_such_folder"], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Invalid config at `data`: expected data that loads" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "hook"]
+
+
 def test_tensorflow_start_up_lines_are_held_back_unless_verbose(tmp_path):
     code = ("import sys\nfrom tftransfer.search import _quiet\n"
             "_quiet.import_tensorflow(verbose=sys.argv[1] == 'verbose')\n"

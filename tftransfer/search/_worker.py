@@ -146,6 +146,7 @@ def _read_commands(commands):
 def main(argv):
     """Runs the worker; never returns."""
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the chief's to handle
     events = os.fdopen(int(argv[0]), "w")
     commands = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
