@@ -113,6 +113,24 @@ def test_killed_worker_fails_its_trial_and_a_new_worker_finishes_the_search(tmp_
         assert noise not in out + err
 
 
+def test_killed_search_takes_its_worker_along_and_resumes(tmp_path):
+    import psutil
+
+    env = _env(tmp_path, HOOK_BLOCK_CALL="2")
+    first = _search(tmp_path, env)
+    worker = psutil.Process(int(_wait_for(tmp_path / "hook" / "blocked", first)))
+    first.kill()  # the search process, mid-trial; its worker must not run on alone
+    out, _ = first.communicate(timeout=60)
+    worker.wait(timeout=60)
+    assert dict(TRIAL_LINE.findall(out)) == {"0": "COMPLETED"}
+    second = subprocess.run(first.args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # KerasTuner retries the interrupted trial; the finished one is not run again.
+    assert dict(TRIAL_LINE.findall(second.stdout)) == {"1": "COMPLETED", "2": "COMPLETED"}
+    assert _report_statuses(tmp_path) == {str(i): "COMPLETED" for i in range(3)}
+
+
 def test_worker_is_replaced_after_worker_max_trials(tmp_path):
     config = _config(tmp_path, worker_max_trials=2)
     proc = subprocess.run([sys.executable, "-m", "tftransfer.search", "--config", config],

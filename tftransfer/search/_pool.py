@@ -82,7 +82,8 @@ class _Worker:
     def next_event(self):
         """The worker's next event (a dict), or None once it has ended."""
         while not self._events and self._selector.get_map():
-            for key, _ in self._selector.select():
+            ready = sorted(self._selector.select(), key=lambda k: k[0].fd == self._events_fd)
+            for key, _ in ready:  # output first: a worker writes it before its event
                 self._read(key.fd, key.data)
         return self._events.popleft() if self._events else None
 

@@ -106,8 +106,8 @@ class _Worker:
         try:
             runner.search(self.tuner, print)
         except _Recycle:
-            self.send("recycle")
-            os._exit(0)
+            self.send("recycle")  # the chief closes our stdin, which ends us
+            return
         self.send("done")
 
     def finish(self):
