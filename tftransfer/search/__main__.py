@@ -1,7 +1,7 @@
 """Command line: `python -m tftransfer.search --config FILE [overrides]`.
 
-Exit codes: 0 success, 1 no trial completed, 2 bad arguments, config or
-search directory (nothing is written then).
+Exit codes: 0 success, 1 no trial completed (or trial workers kept dying),
+2 bad arguments, config or search directory (nothing is written then).
 """
 
 import argparse
@@ -111,6 +111,9 @@ def main(argv=None):
     except (config_lib.ConfigError, runner.DirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except runner.WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
     return 0 if args.trials_only or worker or result["best"] is not None else 1
 

@@ -151,6 +151,8 @@ def main(argv):
     commands = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
     _quiet.import_tensorflow(verbose=True)  # warm before the first command; the chief filters
+    import tftransfer.search.hypermodel  # noqa: F401  (a spare worker is ready sooner)
+    import tftransfer.search.sources  # noqa: F401
     warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
     worker = _Worker(events)
     while True:

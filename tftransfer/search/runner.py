@@ -19,6 +19,7 @@ import yaml
 
 from tftransfer.search import _quiet, report
 from tftransfer.search import config as config_lib
+from tftransfer.search._pool import WorkerError  # noqa: F401  (raised by run)
 
 # TensorFlow, KerasTuner and the hypermodel are imported where they are used:
 # the search process of `run.isolate_trials` leaves them to its trial workers.
@@ -191,8 +192,8 @@ def run(cfg, overwrite=False, out=print, trials_only=False, verbose=False):
     Raises:
         DirectoryError: The directory holds another search (no `overwrite`).
         ConfigError: The data cannot be loaded.
-        tftransfer.search._pool.WorkerError: Trial workers died before
-            starting a trial, twice in a row.
+        WorkerError: Trial workers died before starting a trial, twice in a
+            row, or before writing the report.
     """
     role = os.environ.get("KERASTUNER_TUNER_ID")  # set in a chief/worker cluster
     if (cfg["run"]["isolate_trials"] and not trials_only and role is None
