@@ -153,7 +153,6 @@ class TrialPool:
 
     def __init__(self, cfg, out=print, verbose=False):
         self.cfg, self.out, self.verbose = cfg, out, verbose
-        self.pids = []  # every worker started, in order
         self._worker, self._spare = None, None
 
     def __enter__(self):
@@ -168,9 +167,14 @@ class TrialPool:
 
     def _start(self):
         worker = _Worker(self.out, self.verbose)
-        self.pids.append(worker.pid)
         worker.send("start", config=self.cfg, verbose=self.verbose)
         return worker
+
+    def _current(self):
+        """The running worker; else the spare; else a new one."""
+        if self._worker is None:
+            self._worker, self._spare = self._spare or self._start(), None
+        return self._worker
 
     def wait_ready(self):
         """Waits until the first worker has loaded the data.
@@ -189,8 +193,7 @@ class TrialPool:
         """Runs the search's missing trials, replacing workers as they leave."""
         failed, deaths = None, 0
         while True:
-            worker = self._worker = self._worker or self._spare or self._start()
-            self._spare = None
+            worker = self._current()
             worker.send("search", failed=failed)
             ended, running = self._follow(worker)
             if ended == "done":
@@ -229,8 +232,7 @@ class TrialPool:
     def finish(self):
         """Has a worker write the report and the export; returns `run`'s result."""
         for _ in range(_DEATHS_BEFORE_A_TRIAL):
-            worker = self._worker = self._worker or self._spare or self._start()
-            self._spare = None
+            worker = self._current()
             worker.send("finish")
             event = worker.next_event()
             while event is not None and event["event"] != "finished":
