@@ -5,15 +5,16 @@ Runs a 20-trial random search (bundled digits backbone, 5 images per class,
 (psutil) after every trial. Growth is measured from the end of the first
 trial (warm-up: TensorFlow, data and first traces) to the end of the last.
 
-By default, as in the search's default (`run.isolate_trials: true`), each
-trial runs in its own process; the number measured is then the peak RSS of
-the largest trial process so far (`getrusage(RUSAGE_CHILDREN)`), and this
-process's own RSS is shown too. The first figure is taken once the first trial
-process has ended: before that, `RUSAGE_CHILDREN` holds only short processes
-forked by this one (at import time), which report this process's size.
-`--in-process` runs every trial in this process, to show what isolation saves.
+By default, as in the search's default (`run.isolate_trials: true`), the
+trials run in trial workers (processes that import TensorFlow once and are
+replaced after `run.worker_max_trials` trials, default 10, or
+`--worker-max-trials`); the figure is the RSS of the worker that ran the
+trial, read when its trial line arrives (the largest child of this process:
+a spare worker started for the next one is smaller). `--in-process` runs
+every trial in this process, to show what the workers save.
 
-    python bench/search_memory.py [--trials 20] [--in-process] [--keep DIR]
+    python bench/search_memory.py [--trials 20] [--in-process] [--worker-max-trials K]
+        [--keep DIR]
 
 Last line: `rss_growth_mb: <n>`.
 """
@@ -21,7 +22,6 @@ Last line: `rss_growth_mb: <n>`.
 import argparse
 import os
 import pathlib
-import resource
 import shutil
 import sys
 import tempfile
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tftransfer.search import runner, validate  # noqa: E402
 
 
-def _config(directory, trials, isolate):
+def _config(directory, trials, isolate, worker_max_trials):
     return validate({
         "data": {"source": "digits", "per_class": 5},
         "search_space": {"backbone": str(ROOT / "saved_models" / "digits_cnn.keras"),
@@ -45,7 +45,8 @@ def _config(directory, trials, isolate):
                          "hidden_units": {"choice": [[], [32]]},
                          "batch_size": 16, "head_epochs": 1, "fine_tune_epochs": 1},
         "tuner": {"kind": "random", "max_trials": trials, "seed": 0},
-        "run": {"directory": str(directory), "isolate_trials": isolate},
+        "run": {"directory": str(directory), "isolate_trials": isolate,
+                "worker_max_trials": worker_max_trials},
     })
 
 
@@ -54,30 +55,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--in-process", dest="isolate", action="store_false",
-                   help="Run every trial in this process (default: one process per trial).")
+                   help="Run every trial in this process (default: trial workers).")
+    p.add_argument("--worker-max-trials", type=int, default=10,
+                   help="Trials per worker before a fresh one takes over (run.worker_max_trials).")
     p.add_argument("--keep", help="Search directory to keep (default: a temporary one).")
     args = p.parse_args(argv)
     directory = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="search_memory-")) / "search"
-    process, samples, seen = psutil.Process(), [], [0]
+    process, samples = psutil.Process(), []
 
     def out(line):
+        if not (line.startswith("trial ") and " | " in line):
+            return
         own = process.memory_info().rss / 2**20
-        if args.isolate and line.startswith("trial ") and " | " in line:
-            # Peak of the trial processes that have exited (this one is still ending).
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
-            seen[0] += 1
-            if seen[0] > 1:  # from the second line on, trial processes have ended
-                samples.append(peak)
-            print(f"{line.split(' | ')[0]}: peak of ended trial processes {peak:.0f} MB, "
+        if args.isolate:
+            workers = _worker_rss(process)
+            if not workers:
+                return  # the worker ended before its line was read
+            pid, rss = max(workers, key=lambda w: w[1])
+            samples.append(rss)
+            print(f"{line.split(' | ')[0]}: worker {pid} rss {rss:.0f} MB, "
                   f"this process {own:.0f} MB", flush=True)
-        elif not args.isolate and line.startswith("trial "):
+        else:
             samples.append(own)
-            print(f"{line.split(' | ')[0]}: rss {samples[-1]:.0f} MB", flush=True)
+            print(f"{line.split(' | ')[0]}: rss {own:.0f} MB", flush=True)
 
     try:
-        runner.run(_config(directory, args.trials, args.isolate), overwrite=True, out=out)
-        if args.isolate:  # every trial process has exited now
-            samples.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10)
+        cfg = _config(directory, args.trials, args.isolate, args.worker_max_trials)
+        runner.run(cfg, overwrite=True, out=out)
     finally:
         if not args.keep:
             shutil.rmtree(directory.parent, ignore_errors=True)
@@ -86,6 +90,17 @@ def main(argv=None):
           f"peak: {max(samples):.0f} MB")
     print(f"rss_growth_mb: {growth:.1f}")
     return 0
+
+
+def _worker_rss(process):
+    """`[(pid, RSS in MB)]` of this process's children (the trial workers)."""
+    found = []
+    for child in process.children():
+        try:
+            found.append((child.pid, child.memory_info().rss / 2**20))
+        except psutil.Error:
+            pass
+    return found
 
 
 if __name__ == "__main__":

@@ -8,32 +8,60 @@ Example:
 
 __version__ = "0.1.0"
 
-from tftransfer.backbones import APPLICATIONS, load_backbone
-from tftransfer.export import export_for_serving
-from tftransfer.finetuner import build_finetuner
-from tftransfer.freezing import describe_trainable
-from tftransfer.layers import HubLayer, ImagePreprocessing
-from tftransfer.model import FineTuner
-from tftransfer.optim import get_optimizer, get_regularizer, get_schedule
-from tftransfer.predict import predict
-from tftransfer.reports import evaluate_classifier, format_report
-from tftransfer.train import fine_tune
+import importlib
+import sys
 
-__all__ = [
-    "APPLICATIONS",
-    "FineTuner",
-    "HubLayer",
-    "ImagePreprocessing",
-    "build_finetuner",
-    "describe_trainable",
-    "evaluate_classifier",
-    "export_for_serving",
-    "fine_tune",
-    "format_report",
-    "get_optimizer",
-    "get_regularizer",
-    "get_schedule",
-    "load_backbone",
-    "predict",
-]
+# Public name -> module.
+_PUBLIC = {
+    "APPLICATIONS": "backbones",
+    "FineTuner": "model",
+    "HubLayer": "layers",
+    "ImagePreprocessing": "layers",
+    "build_finetuner": "finetuner",
+    "describe_trainable": "freezing",
+    "evaluate_classifier": "reports",
+    "export_for_serving": "export",
+    "fine_tune": "train",
+    "format_report": "reports",
+    "get_optimizer": "optim",
+    "get_regularizer": "optim",
+    "get_schedule": "optim",
+    "load_backbone": "backbones",
+    "predict": "predict",
+}
 
+__all__ = sorted(_PUBLIC)
+
+# The command-line tools (`python -m tftransfer.search`, `.predict`, `.export`)
+# import what they need themselves, so that `--help` and config errors answer
+# without loading TensorFlow: while Python locates such a module, this package
+# loads its public names on first use (PEP 562). Everywhere else they are
+# imported now, which also registers tftransfer's Keras classes (`FineTuner`,
+# `HubLayer`, ...) so that `keras.models.load_model` finds them after
+# `import tftransfer`.
+_CLI_TOOLS = ("tftransfer.search", "tftransfer.predict", "tftransfer.export")
+
+
+def _running_a_tool():
+    argv = getattr(sys, "orig_argv", [])
+    if sys.argv[:1] != ["-m"] or "-m" not in argv[:-1]:
+        return False
+    return argv[argv.index("-m") + 1].startswith(_CLI_TOOLS)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"tftransfer.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tftransfer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if not _running_a_tool():
+    for _name in __all__:
+        __getattr__(_name)
+    del _name

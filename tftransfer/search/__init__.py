@@ -5,6 +5,7 @@
         [--tuner random|bayesian|hyperband|grid]
         [--max-trials N] [--epochs N | HEAD,FINE_TUNE] [--directory DIR]
         [--export-dir DIR] [--strategy none|auto|mirrored|multi_worker|one_device] [--overwrite]
+        [--workers N] [--verbose]
 
 Each trial builds a model with `build_finetuner` and runs the two-stage
 `fine_tune`; KerasTuner keeps the best epoch's `val_accuracy`. One line is
@@ -43,9 +44,14 @@ Config (YAML; every key optional except `search_space.backbone`):
                    max_epochs: 10  factor: 3  (hyperband: total epoch budget)
     run:           directory: searches/search   export_dir: <directory>/export
                    strategy: none|auto|mirrored|multi_worker|one_device (global batch =
-                   batch_size x replicas)   isolate_trials: true (a process
-                   per trial, so memory stays flat in long searches; false
-                   runs trials in one process, which starts faster)
+                   batch_size x replicas)   isolate_trials: true (trials run
+                   in worker processes that import TensorFlow once; a worker
+                   leaves after worker_max_trials: 10 trials or once its RSS
+                   grew worker_max_rss_growth_mb: 1024 (null: no limit), so
+                   memory stays flat; a worker that dies fails its trial and
+                   a new one goes on; false runs trials in this process)
+                   dtype_policy: float32|mixed_float16|mixed_bfloat16
+                   jit_compile: auto|true|false   (build_finetuner's)
                    multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG;
                    run the same command on every worker. Each trial trains
                    on all workers in sync (trials run in-process, the same

@@ -1,16 +1,14 @@
 """Command line: `python -m tftransfer.search --config FILE [overrides]`.
 
-Exit codes: 0 success, 1 no trial completed, 2 bad arguments, config or
-search directory (nothing is written then).
+Exit codes: 0 success, 1 no trial completed (or trial workers kept dying),
+2 bad arguments, config or search directory (nothing is written then).
 """
 
 import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tftransfer.search import config as config_lib  # noqa: E402
+from tftransfer.search import config as config_lib  # TensorFlow is imported when needed
 
 
 def _epochs(text):
@@ -75,6 +73,8 @@ def parser():
     p.add_argument("--workers", type=_positive,
                    help="Run a KerasTuner chief and this many workers on this host "
                         "(one GPU per worker when there are GPUs).")
+    p.add_argument("--verbose", action="store_true",
+                   help="Keep TensorFlow's native start-up lines (CUDA probing, CPU features).")
     p.add_argument("--trials-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -117,8 +117,10 @@ def main(argv=None):
         args = parser().parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 2
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tftransfer._lock import LockedError
-    from tftransfer.search import runner
+    from tftransfer.search import runner  # imports no TensorFlow
 
     try:
         cfg = config_lib.load_config(args.config, overrides(args))
@@ -129,18 +131,24 @@ def main(argv=None):
                 "with TF_CONFIG)", "multi_worker")
         if args.workers:
             return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
-        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only)
+        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only,
+                            verbose=args.verbose)
     except (config_lib.ConfigError, runner.DirectoryError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except runner.WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
     return 0 if args.trials_only or worker or result["best"] is not None else 1
 
 
 def _cluster(cfg, args, argv):
     """Runs this command as a KerasTuner chief plus `--workers` workers."""
-    from tftransfer.distribute import launch_tuning_cluster
-    from tftransfer.search import _guard, runner
+    from tftransfer.search import _guard, _quiet, runner
+
+    with _quiet.native_startup(args.verbose):
+        from tftransfer.distribute import launch_tuning_cluster
 
     with _guard.search_lock(cfg):  # the chief and workers run under this lock
         runner.check_directory(cfg["run"]["directory"], cfg, args.overwrite)

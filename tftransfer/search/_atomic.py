@@ -26,13 +26,13 @@ A kill mid-write leaves a `.tmp-*` file, which reloading never reads;
 `remove_leftovers` deletes them when the next run starts.
 """
 
-import glob
 import json
 import os
 
 import keras_tuner as kt
 
-from tftransfer._lock import atomic_write_text, remove_temp_files
+from tftransfer._lock import atomic_write_text
+from tftransfer.search._guard import remove_leftovers  # noqa: F401  (kept importable here)
 
 TRIAL_FILE = "trial.json"
 
@@ -100,19 +100,3 @@ class AtomicTuner(kt.Tuner, _AtomicState):
     def __init__(self, oracle, hypermodel=None, **kwargs):
         oracle.__class__ = atomic_oracle_class(type(oracle))
         super().__init__(oracle, hypermodel, **kwargs)
-
-
-def remove_leftovers(directory):
-    """Deletes the temporary files of writes a kill interrupted in a search directory.
-
-    Reloading never reads them (KerasTuner reads `oracle.json`,
-    `<tuner_id>.json` and `trial_*/trial.json` only); the search's top
-    process calls this under its lock, never while another process writes.
-
-    Returns:
-        The number of files deleted.
-    """
-    removed = remove_temp_files(directory)
-    for trial_dir in glob.glob(os.path.join(directory, "trial_*")):
-        removed += remove_temp_files(trial_dir)
-    return removed

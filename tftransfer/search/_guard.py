@@ -11,11 +11,12 @@
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 
-from tftransfer._lock import LOCK_FILE, DirectoryLock, atomic_write_json
+from tftransfer._lock import LOCK_FILE, DirectoryLock, atomic_write_json, remove_temp_files
 from tftransfer.search.config import ConfigError
 
 FINGERPRINT_FILE = "data_fingerprint.json"
@@ -161,3 +162,19 @@ def fingerprint_change(directory, data_cfg):
     return (f"its data {new['source']!r} has changed since (then {old.get('files')} files, "
             f"{old.get('bytes')} bytes; now {new['files']} files, {new['bytes']} bytes, or "
             "other names or modification times)")
+
+
+def remove_leftovers(directory):
+    """Deletes the temporary files of writes a kill interrupted in a search directory.
+
+    Reloading never reads them (KerasTuner reads `oracle.json`,
+    `<tuner_id>.json` and `trial_*/trial.json` only); the search's top
+    process calls this under its lock, never while another process writes.
+
+    Returns:
+        The number of files deleted.
+    """
+    removed = remove_temp_files(directory)
+    for trial_dir in glob.glob(os.path.join(directory, "trial_*")):
+        removed += remove_temp_files(trial_dir)
+    return removed

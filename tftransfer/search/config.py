@@ -17,8 +17,10 @@ import copy
 
 import yaml
 
-from tftransfer import optim
-
+# The names `tftransfer.optim.get_optimizer` accepts, listed here so that a
+# config is checked without importing Keras (tests compare both lists).
+OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
+              "lion", "nadam", "rmsprop", "sgd")
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
@@ -27,6 +29,7 @@ REGULARIZERS = ("none", "l1", "l2", "l1_l2")
 SAMPLINGS = ("linear", "log")
 RANGE_KEYS = ("min", "max", "sampling", "step")
 INT_RANGE_KEYS = ("int_min", "int_max", "step")
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,12 @@ def _units(path, v):
 
 
 
+def _jit_compile(path, v):
+    if v is True or v is False or v == "auto":
+        return v
+    raise ConfigError(path, "true, false or 'auto'", v)
+
+
 def _decay(path, v):
     return None if v is None else _num(0, 1, lo_open=True)(path, v)
 
@@ -119,7 +128,7 @@ def _decay(path, v):
 KNOBS = {
     "backbone": (_string, None, "fc"),
     "trainable": (_trainable, "all", "fcri"),
-    "optimizer": (_one_of(tuple(optim.optimizer_names())), "adam", "fc"),
+    "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
     "schedule": (_one_of(SCHEDULES), "constant", "fc"),
     "regularizer_kind": (_one_of(REGULARIZERS), "none", "fc"),
@@ -211,6 +220,10 @@ RUN = {
     "export_dir": (_optional(_string), None),
     "strategy": (_one_of(STRATEGIES), "none"),
     "isolate_trials": (_one_of((False, True)), True),
+    "worker_max_trials": (_num(1, integer=True), 10),
+    "worker_max_rss_growth_mb": (_optional(_num(0, lo_open=True)), 1024.0),
+    "dtype_policy": (_one_of(DTYPE_POLICIES), "float32"),
+    "jit_compile": (_jit_compile, "auto"),
 }
 
 

@@ -81,11 +81,20 @@ class FineTuneHyperModel(kt.HyperModel):
             search gives the same scores (the n-th execution of the same
             values gets the n-th seed, so `executions_per_trial` still
             averages over initialisations).
+        dtype_policy: `build_finetuner`'s `dtype_policy` (`"float32"`,
+            `"mixed_float16"` or `"mixed_bfloat16"`). Defaults to `"float32"`.
+        jit_compile: `build_finetuner`'s `jit_compile` (True, False or
+            `"auto"`). Defaults to `"auto"`.
     """
 
     def __init__(self, space, data, strategy=None, strategy_name="none",
-                 feature_cache_dir=None, seed=None):
+                 feature_cache_dir=None, seed=None, dtype_policy="float32", jit_compile="auto"):
         super().__init__(name="tftransfer_finetune")
+        self.precision = {}  # passed on when not `build_finetuner`'s defaults
+        if dtype_policy != "float32":
+            self.precision["dtype_policy"] = dtype_policy
+        if jit_compile != "auto":
+            self.precision["jit_compile"] = jit_compile
         self.space, self.data = space, data
         self.strategy, self.strategy_name = strategy, strategy_name
         self.feature_cache_dir = feature_cache_dir
@@ -109,7 +118,8 @@ class FineTuneHyperModel(kt.HyperModel):
         build = {k: v[k] for k in BUILD_KNOBS}
         build.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
                      regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
-                     learning_rate=self._learning_rate(v), strategy=self.strategy_name)
+                     learning_rate=self._learning_rate(v), strategy=self.strategy_name,
+                     **self.precision)
         fit = {k: v[k] for k in FIT_KNOBS}
         fit.update(unfreeze=v["trainable"], batch_size=v["batch_size"] * self.replicas)
         return build, fit

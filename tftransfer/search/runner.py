@@ -6,27 +6,24 @@ nothing changed), `seconds_per_trial.json`, `report.md`, `trials.png`,
 `best_hyperparameters.yaml` and by default `export/<version>/`.
 """
 
-import copy
 import contextlib
+import copy
 import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 
-import keras_tuner as kt
-import tensorflow as tf
 import yaml
 
-from tftransfer import distribute
 from tftransfer._lock import LOCK_FILE, atomic_write_json, atomic_write_text
-from tftransfer.search import _guard, report, sources
+from tftransfer.search import _guard, _quiet, report
 from tftransfer.search import config as config_lib
-from tftransfer.search._atomic import AtomicTuner, remove_leftovers
-from tftransfer.search.hypermodel import FineTuneHyperModel
+from tftransfer.search._pool import WorkerError  # noqa: F401  (raised by run)
+
+# TensorFlow, KerasTuner and the hypermodel are imported where they are used:
+# the search process of `run.isolate_trials` leaves them to its trial workers.
 
 CONFIG_FILE = "config.yaml"
 BEST_FILE = "best_hyperparameters.yaml"
@@ -35,9 +32,10 @@ EXPORT_STATE = "export.json"
 WORKERS_DIR = "workers"  # the other workers' searches, under multi_worker
 # Keys that may change between runs of one search: raising max_trials extends it.
 _RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
-              ("run", "isolate_trials"))
-_TUNERS = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization,
-           "hyperband": kt.Hyperband, "grid": kt.GridSearch}
+              ("run", "isolate_trials"), ("run", "worker_max_trials"),
+              ("run", "worker_max_rss_growth_mb"))
+_TUNERS = {"random": "RandomSearch", "bayesian": "BayesianOptimization",
+           "hyperband": "Hyperband", "grid": "GridSearch"}
 
 
 class DirectoryError(ValueError):
@@ -93,6 +91,10 @@ def make_strategy(name):
     """
     if name == "none":
         return None
+    import tensorflow as tf
+
+    from tftransfer import distribute
+
     strategy = distribute.get_strategy(name)  # created once per process
     if name == "auto" and strategy is tf.distribute.get_strategy():
         return None  # "auto" found nothing to distribute over.
@@ -134,12 +136,16 @@ def kerastuner_seed(seed):
     return seed if seed else 10007
 
 
-def make_tuner(cfg, hypermodel, directory, out=print):
+def make_tuner(cfg, hypermodel, directory, out=print, mixins=()):
     """Builds (or reloads) the KerasTuner tuner of a search.
 
     The strategy is not given to KerasTuner: `build_finetuner` enters its scope
     itself, after `clear_session` (which must not run inside a scope).
+    `mixins` are more classes the tuner class derives from, before
+    `_Reporting` (a trial worker's hooks).
     """
+    import keras_tuner as kt
+
     t = cfg["tuner"]
     direction = "min" if t["objective"] == "val_loss" else "max"
     kwargs = dict(objective=kt.Objective(t["objective"], direction), seed=kerastuner_seed(t["seed"]),
@@ -151,7 +157,10 @@ def make_tuner(cfg, hypermodel, directory, out=print):
         kwargs.update(max_epochs=t["max_epochs"], factor=t["factor"])
     else:
         kwargs["max_trials"] = t["max_trials"]
-    cls = type(_TUNERS[t["kind"]].__name__, (_Reporting, _TUNERS[t["kind"]], AtomicTuner), {})
+    from tftransfer.search._atomic import AtomicTuner
+
+    base = getattr(kt, _TUNERS[t["kind"]])
+    cls = type(base.__name__, (*mixins, _Reporting, base, AtomicTuner), {})
     hypermodel.declare_only = True  # KerasTuner builds once to collect the space.
     try:
         tuner = cls(hypermodel, **kwargs)
@@ -167,68 +176,107 @@ def _rows(tuner):
             if str(t.status) in ("COMPLETED", "FAILED", "INVALID")]
 
 
-def run(cfg, overwrite=False, out=print, trials_only=False):
+def run(cfg, overwrite=False, out=print, trials_only=False, verbose=False):
     """Runs (or resumes) the search a validated config describes.
 
-    The top process holds the search directory's lock for the whole run
-    (`tftransfer._lock.DirectoryLock`); trial processes run under it.
+    With `run.isolate_trials` (the default) the trials run in trial workers
+    (`tftransfer.search._pool`): processes that import TensorFlow once, run
+    trials until recycled, and also write the report and the export; this
+    process then never imports TensorFlow. Otherwise everything runs here.
 
     Args:
         cfg: A config from `tftransfer.search.config.validate`.
         overwrite: Delete the search directory first.
         out: Callable printing one line.
-        trials_only: Run the missing trials only: no report, no export (what
-            the trial processes of `run.isolate_trials` do).
+        trials_only: Run the missing trials only, in this process: no report,
+            no export.
+        verbose: Keep TensorFlow's native start-up lines.
 
     Returns:
         A dict: `directory`, `rows`, `best` (row or None), `export` (version
-        directory or None), `tuner`.
+        directory or None), `tuner` (None when the trials ran in workers).
 
     Raises:
         DirectoryError: The directory holds another search (no `overwrite`).
         ConfigError: The data cannot be loaded, or a backbone does not take it.
         LockedError: Another process searches in the directory.
+        WorkerError: Trial workers died before starting a trial, twice in a
+            row, or before writing the report.
+
+    The top process holds the search directory's lock for the whole run
+    (`tftransfer._lock.DirectoryLock`); its trial workers run under it.
     """
     with _guard.search_lock(cfg, trials_only):
-        return _run(cfg, overwrite, out, trials_only)
+        return _run(cfg, overwrite, out, trials_only, verbose)
 
 
-def _run(cfg, overwrite, out, trials_only):
+def _run(cfg, overwrite, out, trials_only, verbose):
+    role = os.environ.get("KERASTUNER_TUNER_ID")  # set in a chief/worker cluster
+    if (cfg["run"]["isolate_trials"] and not trials_only and role is None
+            and cfg["run"]["strategy"] != "multi_worker"):
+        return _run_pooled(cfg, overwrite, out, verbose)
+    if role is None and cfg["run"]["strategy"] != "multi_worker":
+        check_directory(cfg["run"]["directory"], cfg, overwrite)  # before TensorFlow loads
+    _quiet.import_tensorflow(verbose)
     strategy, other_worker = None, False
     if cfg["run"]["strategy"] == "multi_worker":  # before any other op runs (TF_CONFIG)
         strategy = make_strategy("multi_worker")
         cfg, other_worker = _for_this_worker(cfg, strategy)
     directory = cfg["run"]["directory"]
-    role = os.environ.get("KERASTUNER_TUNER_ID")  # set in a chief/worker cluster
     trials_only = trials_only or (role is not None and role != "chief")
     if role is None:
         check_directory(directory, cfg, overwrite)
-    data = _load_data(cfg)
+    data = load_data(cfg)
     if role is None and not trials_only and (overwrite or not _resumes(directory)):
         _guard.check_backbones(cfg)  # a search being resumed was checked when it began
     if role is None:
         prepare_directory(cfg, overwrite, trials_only)
-    isolate = cfg["run"]["isolate_trials"] and not trials_only and role is None
-    if isolate:
-        _run_isolated(cfg, directory, out)
-    strategy = strategy or make_strategy(cfg["run"]["strategy"])
-    hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
-                                    cfg["run"]["strategy"], seed=cfg["tuner"]["seed"])
-    with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
-        tuner = make_tuner(cfg, hypermodel, directory, out)
+    hypermodel, tuner = build_tuner(cfg, data, out, strategy)
     with warnings.catch_warnings():  # Checkpoints hold optimizer variables too.
         warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
-        if not isolate:
-            _search(tuner, out)
+        search(tuner, out)
         if trials_only or other_worker:
             rows = _rows(tuner) if role is None else []  # a worker's oracle is remote
             return {"directory": directory, "rows": rows, "best": None,
                     "export": None, "tuner": tuner, "worker": True}
-        return _finish(cfg, tuner, hypermodel, data, directory, out)
+        return finish(cfg, tuner, hypermodel, data, directory, out)
+
+
+def _run_pooled(cfg, overwrite, out, verbose):
+    """`run` with the trials, report and export in trial workers."""
+    from tftransfer.search import _pool
+
+    directory = cfg["run"]["directory"]
+    with _pool.TrialPool(cfg, out, verbose) as pool:  # a worker starts importing now
+        check_directory(directory, cfg, overwrite)
+        pool.wait_ready()  # the data loaded (or a ConfigError): nothing written before
+        if overwrite or not _resumes(directory):
+            pool.check_backbones()  # in the worker: a ConfigError, nothing written
+        prepare_directory(cfg, overwrite)
+        pool.search()
+        return {**pool.finish(), "tuner": None}
 
 
 def _resumes(directory):
     return os.path.exists(os.path.join(directory, CONFIG_FILE))
+
+
+def build_tuner(cfg, data, out, strategy=None, mixins=()):
+    """The hypermodel and the (reloaded) tuner of a search, in this process.
+
+    Returns:
+        `(FineTuneHyperModel, tuner)`.
+    """
+    from tftransfer.search.hypermodel import FineTuneHyperModel
+
+    strategy = strategy or make_strategy(cfg["run"]["strategy"])
+    hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
+                                    cfg["run"]["strategy"], seed=cfg["tuner"]["seed"],
+                                    dtype_policy=cfg["run"]["dtype_policy"],
+                                    jit_compile=cfg["run"]["jit_compile"])
+    with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
+        tuner = make_tuner(cfg, hypermodel, cfg["run"]["directory"], out, mixins)
+    return hypermodel, tuner
 
 
 def _for_this_worker(cfg, strategy):
@@ -243,6 +291,8 @@ def _for_this_worker(cfg, strategy):
     Returns:
         `(config, True when this is not the chief)`.
     """
+    from tftransfer import distribute
+
     if not distribute.in_multi_worker_mode(strategy):
         return cfg, False
     cfg = copy.deepcopy(cfg)
@@ -254,7 +304,10 @@ def _for_this_worker(cfg, strategy):
     return cfg, not chief
 
 
-def _load_data(cfg):
+def load_data(cfg):
+    """The search's data (`sources.load`), a ConfigError when it does not load."""
+    from tftransfer.search import sources
+
     try:
         return sources.load(cfg["data"])
     except (ValueError, OSError) as e:
@@ -275,12 +328,13 @@ def prepare_directory(cfg, overwrite=False, trials_only=False):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(directory, exist_ok=True)
     if not trials_only:
-        remove_leftovers(directory)
+        _guard.remove_leftovers(directory)
         atomic_write_text(os.path.join(directory, CONFIG_FILE), config_lib.dump(cfg))
         _guard.write_fingerprint(directory, cfg["data"])
 
 
-def _search(tuner, out):
+def search(tuner, out):
+    """Runs the tuner's missing trials; KerasTuner's failure limit ends it quietly."""
     try:
         tuner.search(verbose=0)
     except RuntimeError as e:  # KerasTuner's max_consecutive_failed_trials.
@@ -289,42 +343,10 @@ def _search(tuner, out):
         out(f"Search stopped: {str(e).splitlines()[0]} (tuner.max_consecutive_failed_trials)")
 
 
-def _trial_count(directory):
-    return len([n for n in os.listdir(directory)
-                if os.path.exists(os.path.join(directory, n, "trial.json"))])
+def finish(cfg, tuner, hypermodel, data, directory, out):
+    """Writes the report, the ranked table, the best hyperparameters and the export."""
+    from tftransfer import distribute
 
-
-def _run_isolated(cfg, directory, out):
-    """Runs each missing trial in its own Python process, by resuming the search.
-
-    Building and training models in one process keeps some memory per
-    trial; a process per trial returns all of it. Each process resumes the
-    search with `--max-trials` one higher and ends after that trial.
-    """
-    command = [sys.executable, "-m", "tftransfer.search", "--trials-only",
-               "--config", os.path.join(directory, CONFIG_FILE), "--max-trials"]
-    for target in range(1, cfg["tuner"]["max_trials"] + 1):
-        before = _trial_count(directory)
-        if before >= target:
-            continue
-        code = _relay(command + [str(target)], out)
-        if code:
-            out(f"trial process {target}: exit {code}")
-        if code != 0 or _trial_count(directory) == before:
-            break  # Failed, or the tuner has nothing left to try.
-
-
-def _relay(command, out):
-    """Runs a trial process, passing its lines on (without KerasTuner's reload notes)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if not line.startswith("Reloading Tuner from"):
-            out(line.rstrip("\n"))
-    return proc.wait()
-
-
-def _finish(cfg, tuner, hypermodel, data, directory, out):
     objective = cfg["tuner"]["objective"]
     direction = tuner.oracle.objective.direction
     rows = _rows(tuner)
