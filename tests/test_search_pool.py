@@ -145,22 +145,19 @@ def test_worker_is_replaced_after_worker_max_trials(tmp_path):
 def test_help_and_config_errors_do_not_import_tensorflow(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search_space: {backbone: a}\nrun: {worker_max_trials: 0}\n")
-    code = (
-        "import sys\n"
-        "from tftransfer.search.__main__ import main\n"
-        f"assert main(['--config', {str(bad)!r}]) == 2\n"
-        "try:\n"
-        "    main(['--help'])\n"
-        "finally:\n"
-        "    print(sorted(m for m in ('tensorflow', 'keras', 'keras_tuner') if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "[]"
-    assert "--verbose" in proc.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for name, args in (("help", ["--help"]), ("bad", ["--config", str(bad)])):
+        runs[name] = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "tftransfer.search", *args], cwd=tmp_path,
+            capture_output=True, text=True, timeout=120, env=env)
+        imported = {line.split("|")[-1].strip().split(".")[0]
+                    for line in runs[name].stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & {"tensorflow", "keras", "keras_tuner"}, name
+    assert runs["help"].returncode == 0 and "--verbose" in runs["help"].stdout
+    assert runs["bad"].returncode == 2
     assert ("Invalid config at `run.worker_max_trials`: expected an integer >= 1. "
-            "Received: 0") in proc.stderr
+            "Received: 0") in runs["bad"].stderr
 
 
 def test_data_that_does_not_load_exits_2_and_writes_nothing(tmp_path):
