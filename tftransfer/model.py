@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer import freezing, heads, optim
-from tftransfer.layers import ImagePreprocessing
+from tftransfer.layers import HubLayer, ImagePreprocessing
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
@@ -354,9 +354,12 @@ def _check_dtype_policy(policy):
 
 
 def _set_dtype_policy(backbone, policy):
-    """Makes the backbone compute in `policy` (its variables stay float32)."""
+    """Makes the backbone compute in `policy` (its variables stay float32).
+
+    A `HubLayer` keeps float32: its SavedModel functions were traced for it.
+    """
     for layer in freezing.leaf_layers(backbone) or [backbone]:
-        if not isinstance(layer, keras.layers.InputLayer):
+        if not isinstance(layer, (keras.layers.InputLayer, HubLayer)):
             layer.dtype_policy = policy
 
 
