@@ -19,6 +19,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 import tftransfer
 from tftransfer import export as ex
+from tftransfer.export import __main__ as cli
+from tftransfer.export import _writer as writer
 
 SHAPE = (16, 16, 3)
 NAMES = ["zero", "one", "two", "three", "four"]
@@ -160,7 +162,8 @@ def test_serving_bytes_resizes_and_converts_channels(loaded):
     data = [_png(big), _png(gray), _pil_bytes(_images(1, seed=4)[0], "GIF"),
             _pil_bytes(_images(1, seed=5)[0], "BMP")]
     got = loaded.signatures["serving_bytes"](image_bytes=tf.constant(data))
-    resized = tf.image.resize(big.astype("float32"), SHAPE[:2], "bilinear")
+    # The shared decode (tftransfer._images) resizes bilinearly and rounds to whole pixels.
+    resized = tf.round(tf.image.resize(big.astype("float32"), SHAPE[:2], "bilinear"))
     pixels = [resized.numpy(), np.repeat(gray, 3, -1).astype("float32")]
     pixels += [tf.io.decode_image(d, channels=3, expand_animations=False).numpy()
                for d in data[2:]]
@@ -269,14 +272,14 @@ def test_overwrite_replaces_version(tmp_path, cnn):
 
 def test_crash_mid_export_leaves_nothing(tmp_path, cnn, monkeypatch):
     base = tmp_path / "m"
-    original = ex._save_savedmodel
+    original = writer._save_savedmodel
 
     def crash(model, spec, path):
         original(model, spec, path)
         (path / "half-written").write_text("x")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ex, "_save_savedmodel", crash)
+    monkeypatch.setattr(writer, "_save_savedmodel", crash)
     with pytest.raises(KeyboardInterrupt):
         ex.export_for_serving(cnn, base)
     assert _entries(base) == []
@@ -290,7 +293,7 @@ def test_crash_during_overwrite_keeps_old_version(tmp_path, cnn, monkeypatch):
     def crash(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ex, "_write_extra_formats", crash)
+    monkeypatch.setattr(writer, "_write_extra_formats", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         ex.export_for_serving(_cnn(seed=9), base, version=1, overwrite=True)
     assert _entries(base) == ["1"] and _tree_hashes(base / "1") == before
@@ -364,7 +367,7 @@ def test_extra_formats_keras_and_tflite(tmp_path, cnn):
 def test_verify_passes_on_good_export(exported, cnn, tmp_path, capsys):
     model_path = tmp_path / "model.keras"
     cnn.save(model_path)
-    assert ex.main(["verify", str(exported.parent),
+    assert cli.main(["verify", str(exported.parent),
                     "--compare", str(model_path)]) == 0
     out = capsys.readouterr().out
     assert "signature serving_bytes:" in out and "image_bytes: string" in out
@@ -376,7 +379,7 @@ def test_verify_passes_on_good_export(exported, cnn, tmp_path, capsys):
 def test_verify_fails_on_other_keras_model(exported, tmp_path, capsys):
     model_path = tmp_path / "other.keras"
     _cnn(seed=9).save(model_path)
-    assert ex.main(["verify", str(exported), "--compare", str(model_path)]) == 1
+    assert cli.main(["verify", str(exported), "--compare", str(model_path)]) == 1
     assert "--compare: outputs differ" in capsys.readouterr().err
 
 
@@ -384,7 +387,7 @@ def test_verify_fails_on_wrong_labels(exported, tmp_path, capsys):
     copy = tmp_path / "3"
     shutil.copytree(exported, copy)
     (copy / "assets/labels.txt").write_text("a\nb\n")
-    assert ex.main(["verify", str(copy)]) == 1
+    assert cli.main(["verify", str(copy)]) == 1
     assert "labels.txt has 2 lines, the model has 5 outputs" in capsys.readouterr().err
 
 
@@ -402,13 +405,13 @@ def test_verify_fails_on_missing_signature(tmp_path, capsys):
     module.f = tf.function(lambda x: {"y": x * 2},
                            input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"other": module.f})
-    assert ex.main(["verify", str(tmp_path)]) == 1
+    assert cli.main(["verify", str(tmp_path)]) == 1
     assert "signature `serving_default` is missing" in capsys.readouterr().err
 
 
 def test_verify_usage_errors(tmp_path, capsys):
-    assert ex.main([]) == 2
-    assert ex.main(["verify", str(tmp_path / "missing")]) == 2
+    assert cli.main([]) == 2
+    assert cli.main(["verify", str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
 
 
