@@ -60,7 +60,7 @@ MULTI_WORKER = textwrap.dedent("""
     frozen = model.backbone.get_weights()[0].copy()
     history = fine_tune(model, (x[:128], y[:128]), (x[128:], y[128:]), head_epochs=6,
                         fine_tune_epochs=1, unfreeze="all", batch_size=32, shuffle=False,
-                        verbose=0, output_dir=sys.argv[2])
+                        verbose=0, output_dir=sys.argv[2], keep_best_stage=False)
     moved = float(np.abs(model.backbone.get_weights()[0] - frozen).max())
     print("RESULT " + json.dumps({
         "replicas": strategy.num_replicas_in_sync, "moved": moved,

@@ -229,7 +229,7 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
                         fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay=None,
                         freeze_batchnorm=True, batch_size=32, shuffle=True, early_stopping=3,
-                        overwrite=False, initial_epoch=0, **_):
+                        overwrite=False, initial_epoch=0, keep_best_stage=True, **_):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.
 
     Called with `**locals()` at the top of `fine_tune`; other keyword
@@ -248,7 +248,8 @@ def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfree
         raise invalid("initial_epoch", "an integer from 0 to head_epochs + fine_tune_epochs - 1 "
                       f"(here {last})", initial_epoch)
     for name, value in (("shuffle", shuffle), ("overwrite", overwrite),
-                        ("freeze_batchnorm", freeze_batchnorm)):
+                        ("freeze_batchnorm", freeze_batchnorm),
+                        ("keep_best_stage", keep_best_stage)):
         check_bool(value, name)
     if early_stopping is not None and early_stopping is not False and not (
             is_int(early_stopping) and early_stopping >= 0):

@@ -43,7 +43,7 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
               layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
-              initial_epoch=0, feature_cache_dir=None):
+              initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
     """Trains the head on a frozen backbone, then fine-tunes the backbone.
 
     Args:
@@ -98,6 +98,10 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             Epochs `[0, head_epochs)` are stage 1 and the next
             `fine_tune_epochs` are stage 2; from `head_epochs` on, stage 1 is
             skipped. Defaults to `0`.
+        keep_best_stage: Boolean: when stage 2 never beats stage 1's best
+            validation loss (training loss without validation data), the
+            model gets its stage-1 weights back, with a warning. Defaults to
+            `True`.
 
     Returns:
         A `keras.callbacks.History` covering both stages; its `stages`
@@ -121,7 +125,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
                     unfreeze=unfreeze, fine_tune_learning_rate=fine_tune_learning_rate,
                     lr_factor=lr_factor, layerwise_lr_decay=layerwise_lr_decay,
                     batch_size=batch_size, class_weight=class_weight, source=model.source,
-                    num_classes=model.num_classes, task=model.task)
+                    num_classes=model.num_classes, task=model.task,
+                    keep_best_stage=keep_best_stage)
     with _strategy_scope(model):  # head model, optimizers and state in the model's strategy
         state = _State(distribute.worker_directory(output_dir, model.distribute_strategy),
                        overwrite, _fingerprint(data, settings) if output_dir else None)
@@ -160,8 +165,8 @@ def _run(model, data, state, settings, initial_epoch, cache, freeze_batchnorm, c
     if state.directory:  # The log holds epochs run before an interruption too.
         second = _stage2_rows(state.path("history.csv"), start)
     history = _merge(model, first, second, initial_epoch)
-    history.restored_stage1 = _keep_better_stage(model, first, second, stage1_weights,
-                                                 data.validation is not None)
+    history.restored_stage1 = settings["keep_best_stage"] and _keep_better_stage(
+        model, first, second, stage1_weights, data.validation is not None)
     state.finish(model, history)
     return history
 
