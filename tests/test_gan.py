@@ -215,7 +215,7 @@ def test_discriminator_saves_and_reloads_with_a_new_freezing_policy(tmp_path, sm
     discriminator.save(path)
     reloaded = load_discriminator(str(path), trainable="top:1", freeze_batchnorm=True)
     np.testing.assert_allclose(reloaded([x[:4], y[:4]]), discriminator([x[:4], y[:4]]), atol=1e-5)
-    backbone = reloaded.backbone
+    backbone = discriminator_backbone(reloaded)
     assert [w.path for w in backbone.trainable_weights] == ["conv3/kernel"]
 
 

@@ -545,6 +545,8 @@ def _check_image_shape(shape, input_shape, argument, received):
                                                      for d in input_shape):
         return
     want = input_shape[1:]
+    if len(want) == 3 and want[-1] == 1 and len(shape) == 3:  # (n, H, W) for (H, W, 1)
+        shape = (*shape, 1)
     fits = len(shape) == len(want) + 1 and all(
         a is None or b is None or a == b for a, b in zip(shape[1:], want))
     if not fits:
