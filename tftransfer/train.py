@@ -413,7 +413,7 @@ def _fit(model, train, validation, class_weight, initial_epoch, epochs, state, s
     if guard.bad_epoch is not None:
         state.fail(stage, initial_epoch)
         raise FloatingPointError(
-            f"The training loss became {guard.bad_loss} in epoch {guard.bad_epoch + 1}, batch "
+            f"The training loss became {guard.bad_loss} (NaN or inf) in epoch {guard.bad_epoch + 1}, batch "
             f"{guard.bad_batch + 1} of {_STAGE_NAMES[stage]}: the weights of the last good epoch "
             "are restored and the run is marked failed, not done (the same call retries it). "
             "Lower the learning rate (`learning_rate`, `fine_tune_learning_rate` or "
