@@ -18,56 +18,54 @@ import tensorflow as tf
 from tftransfer import _images
 
 _plain = tf.autograph.experimental.do_not_convert  # no AutoGraph needed: fast to build
-Listing = collections.namedtuple("Listing", "classes paths labels stamps bad excluded")
+Listing = collections.namedtuple("Listing", "classes paths labels bad excluded")
 _SHOWN = 5  # file names a warning shows before "..."
 
 
-def _head(path: str, size: int) -> bool:
-    """Whether a file is big enough and starts like an image."""
-    if size < _images.MIN_BYTES:
-        return False
+def _is_image(path: str) -> bool:
+    """Whether a file is big enough to be an image and starts like one."""
     try:
-        with open(path, "rb") as f:
-            return _images.sniff(f.read(_images.MAGIC_BYTES)) is not None
+        fd = os.open(path, os.O_RDONLY)  # no Python file object: 20,000 files in ~0.2 s
+        try:
+            head = os.read(fd, _images.MIN_BYTES)
+        finally:
+            os.close(fd)
     except OSError:
         return False
+    return len(head) >= _images.MIN_BYTES and _images.sniff(head) is not None
 
 
 def _scan(folder: str):
-    """``(good paths, their (size, mtime), bad paths, Counter of left-out extensions)``."""
-    good, stamps, bad, excluded = [], [], [], collections.Counter()
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    for entry in entries:
-        if entry.name.startswith(".") or entry.is_dir():
+    """``(good paths, bad paths, Counter of left-out extensions)`` of a folder tree."""
+    good, bad, excluded, subfolders = [], [], collections.Counter(), []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            subfolders.append(entry.path)
             continue
         extension = os.path.splitext(entry.name)[1].lower()
         if extension not in _images.EXTENSIONS:
             excluded[extension or "(none)"] += 1
-            continue
-        stat = entry.stat()
-        if _head(entry.path, stat.st_size):
-            good.append(entry.path)
-            stamps.append((stat.st_size, stat.st_mtime_ns))
         else:
-            bad.append(entry.path)
-    for entry in entries:
-        if entry.is_dir() and not entry.name.startswith("."):
-            more = _scan(entry.path)
-            good, stamps, bad = good + more[0], stamps + more[1], bad + more[2]
-            excluded.update(more[3])
-    return good, stamps, bad, excluded
+            (good if _is_image(entry.path) else bad).append(entry.path)
+    for path in subfolders:
+        more = _scan(path)
+        good, bad = good + more[0], bad + more[1]
+        excluded.update(more[2])
+    return good, bad, excluded
 
 
 def list_images(root, classes) -> Listing:
     """Lists ``root/<class>/**`` for each class, one thread per class folder."""
     with concurrent.futures.ThreadPoolExecutor(min(8, len(classes))) as pool:
         scans = list(pool.map(_scan, [os.path.join(root, c) for c in classes]))
-    paths, stamps, labels, bad, excluded = [], [], [], [], collections.Counter()
-    for label, (good, stamp, broken, left_out) in enumerate(scans):
-        paths, stamps, bad = paths + good, stamps + stamp, bad + broken
+    paths, labels, bad, excluded = [], [], [], collections.Counter()
+    for label, (good, broken, left_out) in enumerate(scans):
+        paths, bad = paths + good, bad + broken
         labels += [label] * len(good)
         excluded.update(left_out)
-    return Listing(classes, paths, np.asarray(labels, np.int32), stamps, bad, excluded)
+    return Listing(classes, paths, np.asarray(labels, np.int32), bad, excluded)
 
 
 def _names(paths) -> str:
@@ -133,7 +131,9 @@ class ReadCheck:
     def _record(self, images, labels, index):
         rows = tf.numpy_function(self._seen, [index], tf.int64, stateful=True)
         rows.set_shape([None])
-        return tf.gather(images, rows), tf.gather(labels, rows)
+        whole = tf.equal(tf.size(rows), tf.size(index))  # no marker: no copy
+        return tf.cond(whole, lambda: (images, labels),
+                       lambda: (tf.gather(images, rows), tf.gather(labels, rows)))
 
     def _seen(self, index):
         """Rows of real elements in a batch of indices (the end marker is -1)."""

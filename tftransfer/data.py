@@ -368,7 +368,8 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
     """
     spec = _make_spec(**locals())
     listing = _list_images(path)
-    key = spec.cache not in CACHE_MODES and _fingerprint(spec, listing.paths, listing.stamps)
+    key = spec.cache not in CACHE_MODES and _fingerprint(
+        spec, listing.paths, [os.stat(p)[8:] for p in listing.paths])  # sizes and times
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
