@@ -48,7 +48,7 @@ def test_resumed_inside_stage_one_runs_the_rest_of_both_stages(few_shot):
     epochs = _Epochs()
     history = fine_tune(_model(), train, val, head_epochs=3, fine_tune_epochs=2, initial_epoch=1,
                         early_stopping=None, callbacks=[epochs], verbose=0)
-    assert epochs.seen == [(1, "head"), (2, "head"), (3, "finetuner"), (4, "finetuner")]
+    assert epochs.seen == [(1, "head_model"), (2, "head_model"), (3, "finetuner"), (4, "finetuner")]
     assert history.epoch == [1, 2, 3, 4]
     assert history.stages == {"head": (1, 3), "fine_tune": (3, 5)}
     assert len(history.history["val_accuracy"]) == 4

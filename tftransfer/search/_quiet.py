@@ -74,3 +74,8 @@ def import_tensorflow(verbose=False):
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+
+
+if __name__ == "__main__":  # `python -m tftransfer.search._quiet [verbose]`: what stays on stderr
+    import_tensorflow(verbose=sys.argv[1:] == ["verbose"])
+    print("after import", file=sys.stderr)
