@@ -18,9 +18,9 @@ table shows every seed, and the median ratio at several targets.
 
 import argparse
 import os
-import statistics
 import pathlib
 import re
+import statistics
 import sys
 import tempfile
 import time

@@ -16,8 +16,14 @@ import pathlib
 import keras
 import numpy as np
 
-from tftransfer import build_finetuner, evaluate_classifier, export_for_serving, fine_tune
-from tftransfer import format_report, load_backbone
+from tftransfer import (
+    build_finetuner,
+    evaluate_classifier,
+    export_for_serving,
+    fine_tune,
+    format_report,
+    load_backbone,
+)
 from tftransfer.data import from_directory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

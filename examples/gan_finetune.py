@@ -37,8 +37,14 @@ import tensorflow as tf  # noqa: E402
 from tftransfer import build_finetuner, fine_tune, load_backbone  # noqa: E402
 from tftransfer.datasets import few_shot_split, load_digits_images  # noqa: E402
 from tftransfer.fid import fid_from_images  # noqa: E402
-from tftransfer.gan import (GAN, augment_with_generator, build_generator,  # noqa: E402
-                            discriminator_from_backbone, load_discriminator, sample)
+from tftransfer.gan import (  # noqa: E402
+    GAN,
+    augment_with_generator,
+    build_generator,
+    discriminator_from_backbone,
+    load_discriminator,
+    sample,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAVED = ROOT / "saved_models"

@@ -15,8 +15,14 @@ import pathlib
 
 import keras
 
-from tftransfer import (build_finetuner, describe_trainable, evaluate_classifier,
-                        export_for_serving, fine_tune, format_report)
+from tftransfer import (
+    build_finetuner,
+    describe_trainable,
+    evaluate_classifier,
+    export_for_serving,
+    fine_tune,
+    format_report,
+)
 from tftransfer.datasets import few_shot_split, load_digits_images
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

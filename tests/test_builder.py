@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import SAVED, changed, weights_of
+
 from tftransfer import build_finetuner, describe_trainable, load_backbone
 from tftransfer.datasets import few_shot_split
 from tftransfer.freezing import apply, trainable_rows

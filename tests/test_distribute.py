@@ -10,11 +10,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import ROOT, SAVED, changed, weights_of
+
 from tftransfer import build_finetuner
-from tftransfer.distribute import (free_port, get_strategy, launch_tuning_cluster,
-                                   worker_directory, worker_task)
+from tftransfer.distribute import (
+    free_port,
+    get_strategy,
+    launch_tuning_cluster,
+    worker_directory,
+    worker_task,
+)
 
 
 def test_mirrored_trains_two_replicas_in_sync(small_batch):
@@ -71,7 +76,7 @@ MULTI_WORKER = textwrap.dedent("""
 
 
 def _result(output):
-    line = next((l for l in output.splitlines() if l.startswith("RESULT ")), None)
+    line = next((ln for ln in output.splitlines() if ln.startswith("RESULT ")), None)
     assert line, output[-3000:]
     return json.loads(line[len("RESULT "):])
 
@@ -123,10 +128,10 @@ def test_multi_worker_search_trains_each_trial_on_both_workers(tmp_path):
                "--max-trials", "1", "--epochs", "2,1", "--directory", str(tmp_path / "search")]
     codes, outputs = _run_all([command] * 2, envs)
     assert codes == [0, 0], outputs
-    lines = [[l for l in out.splitlines() if l.startswith("trial 0 |")] for out in outputs]
+    lines = [[ln for ln in out.splitlines() if ln.startswith("trial 0 |")] for out in outputs]
     assert lines[0] and lines[1], outputs
     assert "COMPLETED" in lines[0][0] and lines[0][0].endswith("replicas=2")
-    score = [l[0].split("|")[2] for l in lines]
+    score = [ln[0].split("|")[2] for ln in lines]
     assert score[0] == score[1]  # the same trial, trained once across both workers
     search = tmp_path / "search"
     assert (search / "report.md").exists() and (search / "best_hyperparameters.yaml").exists()
@@ -198,7 +203,7 @@ def test_chief_and_two_workers_run_each_trial_once(tmp_path, capfd):
     assert len(all_ran) == 4 and len(set(all_ran)) == 4, ran  # each trial exactly once
     assert ran["tuner0"] and ran["tuner1"], ran  # both workers took trials
     assert not (tmp_path / "ran-chief.txt").exists()  # the chief only serves the oracle
-    line = next(l for l in capfd.readouterr().out.splitlines() if l.startswith("TRIALS"))
+    line = next(ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("TRIALS"))
     trials = json.loads(line.split(" ", 1)[1])
     assert sorted(t for t, _ in trials) == sorted(all_ran)
     assert {s for _, s in trials} == {"COMPLETED"}

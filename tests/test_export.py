@@ -10,10 +10,10 @@ import shutil
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
@@ -447,6 +447,7 @@ def test_bad_arguments(tmp_path, cnn, kwargs, message):
 ])
 def test_finetuner_with_savedmodel_backbone_exports_and_reloads(tmp_path, source, extra):
     from conftest import SAVED
+
     from tftransfer import build_finetuner
     from tftransfer.datasets import load_digits_images
 

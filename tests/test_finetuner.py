@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
-
 from conftest import SAVED, changed, weights_of
+from PIL import Image
 from test_formats import FORMATS, IDS
+
 from tftransfer import FineTuner, build_finetuner, export_for_serving, fine_tune, predict
 from tftransfer._lock import LockedError
 

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import SAVED, changed, weights_of
-from tftransfer.fid import frechet_distance, frechet_distance_from_stats, fid_from_images
+
+from tftransfer.fid import fid_from_images, frechet_distance, frechet_distance_from_stats
 from tftransfer.gan import (
     GAN,
     augment_with_generator,

@@ -1,14 +1,14 @@
 """python -m tftransfer.search: config schema, CLI end to end, resume, failures, mirrored."""
 
 import os
-import re
 import pathlib
+import re
 
 import keras
 import pytest
 import yaml
-
 from conftest import ROOT, SAVED
+
 from tftransfer import build_finetuner, fine_tune
 from tftransfer.search import ConfigError, load_config, validate
 from tftransfer.search import config as config_lib

@@ -7,8 +7,8 @@ import re
 import keras
 import numpy as np
 import pytest
-
 from conftest import SAVED, changed, weights_of
+
 from tftransfer import build_finetuner, fine_tune
 from tftransfer import train as train_module
 from tftransfer.datasets import few_shot_split

@@ -30,13 +30,12 @@ import tempfile
 import uuid
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 import tftransfer
 from tftransfer import _images
-from tftransfer.model import FineTuner
 from tftransfer.export._contract import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
@@ -54,6 +53,8 @@ from tftransfer.export._contract import (
     existing_versions,
     sample_images,
 )
+from tftransfer.model import FineTuner
+
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:

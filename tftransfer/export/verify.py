@@ -25,6 +25,7 @@ from tftransfer.export._contract import (
     sample_images,
 )
 
+
 class VerifyError(Exception):
     """An export failed verification."""
 
