@@ -391,6 +391,17 @@ def test_verify_fails_on_wrong_labels(exported, tmp_path, capsys):
     assert "labels.txt has 2 lines, the model has 5 outputs" in capsys.readouterr().err
 
 
+def test_verify_reports_a_truncated_warmup_file(exported, tmp_path, capsys):
+    copy = tmp_path / "4"
+    shutil.copytree(exported, copy)
+    warmup = copy / "assets.extra" / "tf_serving_warmup_requests"
+    warmup.write_bytes(warmup.read_bytes()[:-7])
+    assert cli.main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: warmup: assets.extra/tf_serving_warmup_requests is corrupt after" in err
+    assert "DataLossError" in err
+
+
 def test_verify_cli_rejects_non_savedmodel(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     proc = subprocess.run(

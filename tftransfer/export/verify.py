@@ -190,11 +190,16 @@ def _check_warmup(vdir, loaded, out):
         out("warmup: not checked (tensorflow-serving-api not installed)")
         return []
     problems, count = [], 0
-    for count, record in enumerate(tf.data.TFRecordDataset(str(path)), 1):
-        try:
-            _run_warmup_record(loaded, prediction_log_pb2, record.numpy())
-        except Exception as err:  # noqa: BLE001
-            problems.append(f"warmup record {count} fails: {err}")
+    try:
+        for count, record in enumerate(tf.data.TFRecordDataset(str(path)), 1):
+            try:
+                _run_warmup_record(loaded, prediction_log_pb2, record.numpy())
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"warmup record {count} fails: {err}")
+    except tf.errors.OpError as err:  # truncated or corrupt file: TF Serving would fail too
+        message = (err.message or type(err).__name__).strip().splitlines()[0]
+        return [f"warmup: assets.extra/{WARMUP_FILE} is corrupt after {count} records "
+                f"({type(err).__name__}: {message})"]
     out(f"warmup: {count} PredictionLog records")
     return problems + ([] if 0 < count <= 1000 else
                        [f"warmup: {count} records (TF Serving wants 1-1000)"])
