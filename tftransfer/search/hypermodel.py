@@ -206,6 +206,7 @@ class FineTuneHyperModel(kt.HyperModel):
                      for c in callbacks or []]
         try:  # fine_tune enters the model's strategy
             history = fine_tune(model, train, validation, callbacks=callbacks, verbose=verbose,
+                                keep_best_stage=False,  # KerasTuner keeps the best epoch itself
                                 **settings)
         except FloatingPointError as e:  # NaN loss: this trial fails, the search goes on
             raise kt.errors.FailedTrialError(str(e)) from None
