@@ -87,78 +87,69 @@ def listing_warning(bad, excluded) -> str | None:
 
 
 class ReadCheck:
-    """Names the files of one split that fail to decode during its first full pass.
+    """Names the files of one split that fail to decode, by the end of its first full pass.
 
-    ``apply`` drops the failing elements (``ignore_errors``) and, through a
-    Python call per ``batch`` elements, records the indices that came
-    through; an end marker after the last element triggers :meth:`finish` (a begin
-    marker restarts the count of a pass).
-    So that the split keeps its length (Keras knows the steps of an epoch),
-    each element dropped in a pass is replaced by a second copy of one of
-    the split's readable images, taken from its start, with its own label.
+    Upstream of any cache, :meth:`fill` drops the elements whose file fails
+    to decode (``ignore_errors``) and tops each pass up to the split's length
+    with second copies of the split's readable images (taken from its start),
+    so that Keras knows the steps of an epoch. Downstream, :meth:`record`
+    marks each batch's file indices as read, and :meth:`close` appends an
+    empty end to the batches that reports the files never read (once, with a
+    warning, in ``ImageData.skipped`` and ``ImageData.counts``).
 
     Args:
         paths: All listed paths (the elements carry indices into it).
         labels: Their integer labels.
         split: Integer array, the indices of this split.
         name: ``"train"`` or ``"validation"``.
-        batch: Elements per Python call.
     """
 
-    def __init__(self, paths, labels, split, name, batch=64):
-        self.paths, self.labels, self.split = paths, labels, np.asarray(split)
-        self.name, self.batch = name, batch
+    def __init__(self, paths, labels, split, name):
+        self.paths, self.labels, self.split, self.name = paths, labels, np.asarray(split), name
         self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
-        self.count = self.missing = 0
 
-    def apply(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
-        """``(image, label, index)`` elements from ``load(index)`` -> ``(image, label)``
-        ones, unreadable ones replaced; the cardinality is the split's size."""
-        zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-        begin, end = (tf.data.Dataset.from_tensors((*zeros[:2], tf.constant(i, zeros[2].dtype)))
-                      for i in (-2, -1))  # markers of a pass, for the count of each pass
-        ds = begin.concatenate(ds.ignore_errors()).concatenate(end).batch(self.batch)
-        ds = ds.map(_plain(self._record)).unbatch()
-        refill = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
-        refill = refill.map(_plain(lambda image, label, index: (image, label)))
-        ds = ds.concatenate(tf.data.Dataset.range(1).flat_map(_plain(
-            lambda _: refill.take(tf.numpy_function(self._missing, [], tf.int64, stateful=True)))))
-        return ds.apply(tf.data.experimental.assert_cardinality(len(self.split)))
+    def fill(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
+        """``load(index)`` elements -> the readable ones, topped up to the split's size."""
+        size = len(self.split)
+        spare = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
+        ds = ds.ignore_errors().concatenate(spare.repeat()).take(size)  # (empty repeat ends)
+        return ds.apply(tf.data.experimental.assert_cardinality(size))
 
-    def _missing(self):
-        return np.int64(self.missing)
+    def record(self, index: tf.Tensor) -> tf.Tensor:
+        """A flag (to depend on) that marks a batch of file indices as read."""
+        return tf.numpy_function(self._seen, [index], tf.bool, stateful=True)
 
-    def _record(self, images, labels, index):
-        rows = tf.numpy_function(self._seen, [index], tf.int64, stateful=True)
-        rows.set_shape([None])
-        whole = tf.equal(tf.size(rows), tf.size(index))  # no marker: no copy
-        return tf.cond(whole, lambda: (images, labels),
-                       lambda: (tf.gather(images, rows), tf.gather(labels, rows)))
+    def close(self, batches: tf.data.Dataset) -> tf.data.Dataset:
+        """``batches`` followed by an empty end that reports the files never read."""
+        steps = int(batches.cardinality())
+        empty = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+            lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), batches.element_spec))
+        end = tf.data.Dataset.range(1).flat_map(_plain(
+            lambda _: empty.take(tf.numpy_function(self._end, [], tf.int64, stateful=True))))
+        return batches.concatenate(end).apply(tf.data.experimental.assert_cardinality(steps))
 
     def _seen(self, index):
-        """Rows of real elements in a batch of indices (the end marker is -1)."""
-        good = index[index >= 0]
-        self.count = len(good) + (0 if (index == -2).any() else self.count)
         if not self.done:
-            self.seen[good] = True
-        if (index == -1).any():  # the end marker: a full pass
-            self.missing = max(0, len(self.split) - self.count)
-            if not self.done:
-                self.finish()
-        return np.flatnonzero(index >= 0).astype(np.int64)
+            self.seen[index] = True
+        return np.True_
+
+    def _end(self):
+        if not self.done:
+            self.finish()
+        return np.int64(0)
 
     def finish(self):
-        """Reports the split's files not seen in a full pass (once)."""
+        """Reports the split's files not read in a full pass (once)."""
         self.done = True
-        missing = [self.paths[i] for i in self.split[~self.seen[self.split]]]
-        if not missing:
+        unread = self.split[~self.seen[self.split]]
+        if not len(unread):
             return
+        missing = [self.paths[i] for i in unread]
         if self.data is not None:
             self.data.skipped.extend(missing)
             if self.name == "train" and self.data.counts:
-                for i in self.split[~self.seen[self.split]]:
-                    label = self.data.class_names[self.labels[i]]
-                    self.data.counts[label] -= 1
+                for i in unread:
+                    self.data.counts[self.data.class_names[self.labels[i]]] -= 1
         warnings.warn(f"Skipped {len(missing)} file(s) of the {self.name} split that could "
                       f"not be decoded as images while reading: {_names(missing)}. See "
                       "ImageData.skipped for the full list.", stacklevel=2)

@@ -18,6 +18,10 @@ _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", 
           (b"GIF89a", "gif"), (b"BM", "bmp"))
 MAGIC_BYTES = 12  # enough to tell every format in `EXTENSIONS` apart
 MIN_BYTES = 26  # smaller than the smallest valid file of any of them (a 1x1 GIF)
+# Methods whose result of 0-255 input stays in 0-255 (weights >= 0): no clip.
+_CONVEX = ("area", "bilinear", "nearest")
+_RESIZABLE = (tf.uint8, tf.int8, tf.uint16, tf.int16, tf.int32, tf.int64, tf.float16,
+              tf.bfloat16, tf.float32, tf.float64)  # what `tf.image.resize` takes as is
 
 
 def sniff(head: bytes) -> str | None:
@@ -70,8 +74,10 @@ def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 def fit_image(image: tf.Tensor, channels: int, image_size, interpolation="bilinear"):
     """``[h, w]`` or ``[h, w, n]`` pixels (any dtype, 0-255) -> float32 ``[H, W, C]``.
 
-    Resizes with ``tf.image.resize(method=interpolation)``, converts the
-    channels, clips to ``[0, 255]`` and rounds to whole values.
+    Resizes with ``tf.image.resize(method=interpolation)`` (straight from
+    ``uint8``: no float copy of the full-size image), converts the channels,
+    clips to ``[0, 255]`` where the result can leave it (float input, or an
+    interpolation with negative lobes) and rounds to whole values.
 
     Args:
         image: Image tensor; 2-D is one gray channel.
@@ -83,11 +89,17 @@ def fit_image(image: tf.Tensor, channels: int, image_size, interpolation="biline
     Returns:
         A float32 tensor ``[height, width, channels]`` of whole values 0-255.
     """
-    image = tf.cast(image, tf.float32)
     image = image[..., None] if image.shape.rank == 2 else image
-    image = tf.image.resize(image, image_size, method=interpolation)
+    in_range = image.dtype == tf.uint8 and interpolation in _CONVEX
+    if image.dtype not in _RESIZABLE:
+        image = tf.cast(image, tf.float32)
+    image = tf.cast(tf.image.resize(image, image_size, method=interpolation), tf.float32)
     image = convert_channels(image, channels)
-    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+    return tf.round(image if in_range else tf.clip_by_value(image, 0.0, 255.0))
+
+
+def _decode(image_bytes, channels):
+    return tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
 
 
 def decode(image_bytes: tf.Tensor, channels: int, image_size, interpolation="bilinear"):
@@ -112,5 +124,12 @@ def decode(image_bytes: tf.Tensor, channels: int, image_size, interpolation="bil
         >>> decode(tf.io.read_file("a.png"), 3, (224, 224)).shape
         TensorShape([224, 224, 3])
     """
-    image = tf.io.decode_image(image_bytes, channels=0, expand_animations=False)
+    if channels == 3:  # the decoders' own RGB conversion is `convert_channels`'s (gray
+        # tiled, alpha dropped) and costs no pass, except WebP's (it refuses alpha)
+        head = tf.strings.substr(image_bytes, 0, MAGIC_BYTES)  # shorter bytes: shorter head
+        webp = tf.strings.regex_full_match(head, "(?s)RIFF.{4}WEBP")
+        image = tf.cond(webp, lambda: convert_channels(_decode(image_bytes, 0), 3),
+                        lambda: _decode(image_bytes, 3))  # (channels commute with resizing)
+    else:
+        image = _decode(image_bytes, 0)
     return fit_image(image, channels, image_size, interpolation)

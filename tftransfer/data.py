@@ -38,7 +38,6 @@ AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
 }
 DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
 SHUFFLE_BUFFER = 1024  # bound for shuffle buffers that hold decoded images
-_CHECK_BATCH = 64  # images per call of the Python check of a split's first pass
 # Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 _Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
                                "cache augment interpolation validation_split budget")
@@ -208,8 +207,12 @@ def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
     return {int(c): out[c] for c in range(k)}
 
 
-def _to_float(images, labels, layers):
-    """uint8 batch -> float32, augmented by ``layers``, in [0, 255]."""
+def _to_float(images, labels, layers, index=None, check=None):
+    """uint8 or float32 batch -> float32, augmented by ``layers``, in [0, 255]; a
+    ``check`` records the batch's file ``index``es as read."""
+    if check is not None:
+        with tf.control_dependencies([check.record(index)]):
+            images = tf.identity(images)
     images = tf.cast(images, tf.float32)
     for layer in layers:
         images = layer(images, training=True)
@@ -218,25 +221,37 @@ def _to_float(images, labels, layers):
     return images, labels
 
 
+def _as_uint8(load):
+    """``load`` with its image (the first output) cast to uint8."""
+    def compact(*args):
+        image, *rest = load(*args)
+        return (tf.cast(image, tf.uint8), *rest)
+    return compact
+
+
 def _pipeline(elements, load, spec, *, train, size, cache, check=None):
-    """shuffle -> load (parallel, uint8) -> [drop unreadable] -> [cache -> shuffle]
-    -> batch -> float32 [-> augment] -> prefetch. A cache freezes the order, so a
-    second (bounded) shuffle follows it."""
+    """shuffle -> load (parallel; uint8 if cached) -> [drop unreadable, top up] -> [cache ->
+    shuffle] -> batch -> float32 [-> augment] [-> report unread] -> prefetch. A
+    cache freezes the order, so a second (bounded) shuffle follows it."""
     shuffle = train and spec.shuffle
     if shuffle:
         elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
+    if cache is not None:  # whole values: uint8 is exact, a quarter of float32's bytes
+        load = _as_uint8(load)
     load = _plain(load)
     ds = elements.map(load, num_parallel_calls=AUTOTUNE)
     if check is not None:
-        ds = check.apply(ds, load)
+        ds = check.fill(ds, load)
     if cache is not None:
         ds = ds.cache(cache)
         if shuffle:
             ds = ds.shuffle(min(size, SHUFFLE_BUFFER), seed=spec.seed + 1)
     layers = spec.augment if train else ()
-    ds = ds.batch(spec.batch_size).map(_plain(lambda x, y: _to_float(x, y, layers)),
-                                       num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    # Float batches that need no augmenting take one cheap step: no parallel buffers.
+    parallel = AUTOTUNE if layers or cache is not None else None
+    ds = ds.batch(spec.batch_size).map(
+        _plain(lambda x, y, *i: _to_float(x, y, layers, *i, check)), num_parallel_calls=parallel)
+    return (ds if check is None else check.close(ds)).prefetch(AUTOTUNE)
 
 
 def _fingerprint(spec: _Spec, *parts) -> str:
@@ -373,13 +388,11 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.int64)], autograph=False)
-    def load(i):  # traced once for both splits
-        image = _images.decode(tf.io.read_file(files[i]), spec.channels, size, mode)
-        return tf.cast(image, tf.uint8), targets[i], i
+    def load(i):  # a plain function, traced into each map: no nested function call per image
+        return _images.decode(tf.io.read_file(files[i]), spec.channels, size, mode), targets[i], i
 
     def check(split, name):
-        return _folders.ReadCheck(listing.paths, listing.labels, split, name, _CHECK_BATCH)
+        return _folders.ReadCheck(listing.paths, listing.labels, split, name)
 
     return _indexed(spec, load, listing.labels, list(listing.classes), class_weight, key,
                     listing.bad, check)
@@ -431,7 +444,7 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _fingerprint(spec, x, y)
     images, labels = tf.constant(x), tf.constant(y)
-    load = lambda i: (_uint8(images[i], spec), labels[i])  # noqa: E731
+    load = lambda i: (_fitted(images[i], spec), labels[i])  # noqa: E731
     return _indexed(spec, load, y, class_names, class_weight, key)
 
 
@@ -453,10 +466,9 @@ def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
     return ds
 
 
-def _uint8(image, spec):
-    """The shared resize/convert of ``_images``, as uint8 (exact: whole values)."""
-    fitted = _images.fit_image(image, spec.channels, spec.image_size, spec.interpolation)
-    return tf.cast(fitted, tf.uint8)
+def _fitted(image, spec):
+    """The shared resize/convert of ``_images``: float32, whole values 0-255."""
+    return _images.fit_image(image, spec.channels, spec.image_size, spec.interpolation)
 
 
 def _num_images(*datasets) -> int | None:
@@ -467,7 +479,7 @@ def _num_images(*datasets) -> int | None:
 
 def _stream(spec, train, val, names, counts, class_weight, key, images) -> ImageData:
     """ImageData for streamed ``(image, label)`` datasets (tf.data, TFDS)."""
-    load = lambda x, y: (_uint8(x, spec), tf.cast(y, tf.int32))  # noqa: E731
+    load = lambda x, y: (_fitted(x, spec), tf.cast(y, tf.int32))  # noqa: E731
     return _build(spec, load, train, val, (SHUFFLE_BUFFER,) * 2, names=names,
                   counts=counts, class_weight=class_weight, key=_fingerprint(spec, key),
                   images=images)
