@@ -1,6 +1,7 @@
 """Tests for tftransfer.data on real image folders written from sklearn digits."""
 
 import os
+import shutil
 import warnings
 
 import keras
@@ -191,6 +192,42 @@ def test_keras_fit_consumes_pipeline(folder):
                             class_weight=data.class_weight, verbose=0)
     assert len(history.history["val_loss"]) == 2
     assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+def test_fit_reports_unreadable_files_by_the_end_of_its_first_epoch(folder):
+    """Keras takes the known number of steps and never asks past the last batch:
+    the truncated file is still named when `fit`'s first epoch ends."""
+    for cache in ("memory", False):
+        data, _ = _load(folder, batch_size=8, cache=cache)
+        model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(3, "softmax")])
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(data.train, validation_data=data.validation, epochs=1, verbose=0)
+        assert "truncated.png" in {os.path.basename(p) for p in data.skipped}, cache
+        assert [w for w in caught if "truncated.png" in str(w.message)], cache
+        assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+def test_memory_cache_serves_later_epochs_without_reading_files(tmp_path):
+    """An abandoned pass, then a full one, fill the cache: once the files are
+    deleted, epochs still give every image once, in a new order each time."""
+    _write_folder(tmp_path, n_per_class=(10, 10, 10), formats=("png", "jpg"))
+    data = tfd.from_directory(tmp_path, image_size=(16, 16), cache="memory", batch_size=4,
+                              validation_split=0.2)
+    assert data.cache == "memory" and data.cache_bytes == 30 * 16 * 16 * 3
+    next(iter(data.train))  # a pass that stops after one batch
+    first, labels = _epoch(data.train)
+    validation = _epoch(data.validation)
+    shutil.rmtree(tmp_path)
+    for _ in range(2):
+        again, again_labels = _epoch(data.train)
+        assert not np.array_equal(again, first)  # reshuffled
+        assert sorted(zip(map(bytes, again), again_labels)) == sorted(
+            zip(map(bytes, first), labels))
+        np.testing.assert_array_equal(_epoch(data.validation)[0], validation[0])
+    assert len(first) == 24 and len({a.tobytes() for a in first}) == 24
 
 
 def test_file_cache_and_model_input_size(folder, tmp_path):

@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from tftransfer import _images
 
-_plain = tf.autograph.experimental.do_not_convert  # no AutoGraph needed: fast to build
 Listing = collections.namedtuple("Listing", "classes paths labels bad excluded")
 _SHOWN = 5  # file names a warning shows before "..."
 
@@ -92,10 +91,11 @@ class ReadCheck:
     Upstream of any cache, :meth:`fill` drops the elements whose file fails
     to decode (``ignore_errors``) and tops each pass up to the split's length
     with second copies of the split's readable images (taken from its start),
-    so that Keras knows the steps of an epoch. Downstream, :meth:`record`
-    marks each batch's file indices as read, and :meth:`close` appends an
-    empty end to the batches that reports the files never read (once, with a
-    warning, in ``ImageData.skipped`` and ``ImageData.counts``).
+    so that Keras knows the steps of an epoch. The pipeline's per-batch step
+    (``_pipeline``) calls :meth:`record` with each batch's file indices, in
+    order, and :meth:`finish` on the last batch of a pass, which reports the
+    files never read (once: a warning, ``ImageData.skipped`` and the
+    training ``ImageData.counts``).
 
     Args:
         paths: All listed paths (the elements carry indices into it).
@@ -108,38 +108,22 @@ class ReadCheck:
         self.paths, self.labels, self.split, self.name = paths, labels, np.asarray(split), name
         self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
 
-    def fill(self, ds: tf.data.Dataset, load) -> tf.data.Dataset:
-        """``load(index)`` elements -> the readable ones, topped up to the split's size."""
+    def fill(self, ds: tf.data.Dataset, spare: tf.data.Dataset) -> tf.data.Dataset:
+        """Loaded elements -> the readable ones, topped up from ``spare`` (the
+        split's elements, loaded in order) to the split's size."""
         size = len(self.split)
-        spare = tf.data.Dataset.from_tensor_slices(self.split).map(load).ignore_errors()
-        ds = ds.ignore_errors().concatenate(spare.repeat()).take(size)  # (empty repeat ends)
-        return ds.apply(tf.data.experimental.assert_cardinality(size))
+        ds = ds.ignore_errors().concatenate(spare.ignore_errors().repeat()).take(size)
+        return ds.apply(tf.data.experimental.assert_cardinality(size))  # (empty repeat ends)
 
-    def record(self, index: tf.Tensor) -> tf.Tensor:
-        """A flag (to depend on) that marks a batch of file indices as read."""
-        return tf.numpy_function(self._seen, [index], tf.bool, stateful=True)
-
-    def close(self, batches: tf.data.Dataset) -> tf.data.Dataset:
-        """``batches`` followed by an empty end that reports the files never read."""
-        steps = int(batches.cardinality())
-        empty = tf.data.Dataset.from_tensors(tf.nest.map_structure(
-            lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), batches.element_spec))
-        end = tf.data.Dataset.range(1).flat_map(_plain(
-            lambda _: empty.take(tf.numpy_function(self._end, [], tf.int64, stateful=True))))
-        return batches.concatenate(end).apply(tf.data.experimental.assert_cardinality(steps))
-
-    def _seen(self, index):
+    def record(self, index):
+        """Marks a batch of file indices as read."""
         if not self.done:
             self.seen[index] = True
-        return np.True_
-
-    def _end(self):
-        if not self.done:
-            self.finish()
-        return np.int64(0)
 
     def finish(self):
         """Reports the split's files not read in a full pass (once)."""
+        if self.done:
+            return
         self.done = True
         unread = self.split[~self.seen[self.split]]
         if not len(unread):

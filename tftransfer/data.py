@@ -21,10 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _folders, _images, _memory
+from tftransfer import _checks, _folders, _images, _memory, _pipeline
 
 AUTOTUNE = tf.data.AUTOTUNE
-_plain = tf.autograph.experimental.do_not_convert  # our map functions need no AutoGraph
 IMAGE_EXTENSIONS = _images.EXTENSIONS
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -37,7 +36,7 @@ AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
     "zoom": (keras.layers.RandomZoom, (0.1,)),
 }
 DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
-SHUFFLE_BUFFER = 1024  # bound for shuffle buffers that hold decoded images
+SHUFFLE_BUFFER = _pipeline.SHUFFLE_BUFFER  # bound for shuffle buffers of decoded images
 # Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 _Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
                                "cache augment interpolation validation_split budget")
@@ -207,53 +206,6 @@ def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
     return {int(c): out[c] for c in range(k)}
 
 
-def _to_float(images, labels, layers, index=None, check=None):
-    """uint8 or float32 batch -> float32, augmented by ``layers``, in [0, 255]; a
-    ``check`` records the batch's file ``index``es as read."""
-    if check is not None:
-        with tf.control_dependencies([check.record(index)]):
-            images = tf.identity(images)
-    images = tf.cast(images, tf.float32)
-    for layer in layers:
-        images = layer(images, training=True)
-    if layers:
-        images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
-    return images, labels
-
-
-def _as_uint8(load):
-    """``load`` with its image (the first output) cast to uint8."""
-    def compact(*args):
-        image, *rest = load(*args)
-        return (tf.cast(image, tf.uint8), *rest)
-    return compact
-
-
-def _pipeline(elements, load, spec, *, train, size, cache, check=None):
-    """shuffle -> load (parallel; uint8 if cached) -> [drop unreadable, top up] -> [cache ->
-    shuffle] -> batch -> float32 [-> augment] [-> report unread] -> prefetch. A
-    cache freezes the order, so a second (bounded) shuffle follows it."""
-    shuffle = train and spec.shuffle
-    if shuffle:
-        elements = elements.shuffle(size, seed=spec.seed, reshuffle_each_iteration=True)
-    if cache is not None:  # whole values: uint8 is exact, a quarter of float32's bytes
-        load = _as_uint8(load)
-    load = _plain(load)
-    ds = elements.map(load, num_parallel_calls=AUTOTUNE)
-    if check is not None:
-        ds = check.fill(ds, load)
-    if cache is not None:
-        ds = ds.cache(cache)
-        if shuffle:
-            ds = ds.shuffle(min(size, SHUFFLE_BUFFER), seed=spec.seed + 1)
-    layers = spec.augment if train else ()
-    # Float batches that need no augmenting take one cheap step: no parallel buffers.
-    parallel = AUTOTUNE if layers or cache is not None else None
-    ds = ds.batch(spec.batch_size).map(
-        _plain(lambda x, y, *i: _to_float(x, y, layers, *i, check)), num_parallel_calls=parallel)
-    return (ds if check is None else check.close(ds)).prefetch(AUTOTUNE)
-
-
 def _fingerprint(spec: _Spec, *parts) -> str:
     """Hash of ``parts`` and of the settings that change cached images."""
     digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:9]).encode())  # not augment
@@ -262,19 +214,23 @@ def _fingerprint(spec: _Spec, *parts) -> str:
     return digest.hexdigest()[:12]
 
 
-def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key, images,
+def _build(spec, load, train, val, counts_, *, names, counts, class_weight, key, images,
            skipped=None, checks=(None, None)) -> ImageData:
     """ImageData from unbatched train/validation element datasets and ``load``;
-    ``images`` (both splits, or None) decides ``cache="auto"``."""
+    ``counts_`` are their sizes (or None), ``images`` (both splits, or None)
+    decides ``cache="auto"``."""
     cache, nbytes = _cache_plan(spec, images)
 
-    def make(ds, size, tag, check):
-        return _pipeline(ds, load, spec, train=tag == "train", size=size, check=check,
-                         cache=cache and f"{cache}-{key}-{tag}")
+    def make(ds, count, tag, check):
+        train = tag == "train"
+        return _pipeline.split_pipeline(
+            ds, load, count=count, batch_size=spec.batch_size, seed=spec.seed,
+            shuffle=train and spec.shuffle, layers=spec.augment if train else (),
+            cache=cache and f"{cache}-{key}-{tag}", check=check)
 
     data = ImageData(
-        train=make(train, sizes[0], "train", checks[0]), class_names=names,
-        validation=None if val is None else make(val, sizes[1], "validation", checks[1]),
+        train=make(train, counts_[0], "train", checks[0]), class_names=names,
+        validation=None if val is None else make(val, counts_[1], "validation", checks[1]),
         num_classes=len(names), image_size=spec.image_size, channels=spec.channels,
         class_weight=_class_weight(class_weight, names, counts),
         skipped=list(skipped or []), augmented=bool(spec.augment),
@@ -306,7 +262,7 @@ def _indexed(spec, load, labels, names, class_weight, key, skipped=None,
     checks = (None, None) if check is None else (check(train, "train"),
                                                  check(val, "validation"))
     return _build(spec, load, slices(train), slices(val) if spec.validation_split else None,
-                  (max(len(train), 1), max(len(val), 1)), names=names, counts=counts,
+                  (len(train), len(val)), names=names, counts=counts,
                   class_weight=class_weight, key=key, skipped=skipped, checks=checks,
                   images=len(train) + (len(val) if spec.validation_split else 0))
 
@@ -480,7 +436,8 @@ def _num_images(*datasets) -> int | None:
 def _stream(spec, train, val, names, counts, class_weight, key, images) -> ImageData:
     """ImageData for streamed ``(image, label)`` datasets (tf.data, TFDS)."""
     load = lambda x, y: (_fitted(x, spec), tf.cast(y, tf.int32))  # noqa: E731
-    return _build(spec, load, train, val, (SHUFFLE_BUFFER,) * 2, names=names,
+    sizes = [None if ds is None else _num_images(ds) for ds in (train, val)]
+    return _build(spec, load, train, val, sizes, names=names,
                   counts=counts, class_weight=class_weight, key=_fingerprint(spec, key),
                   images=images)
 
