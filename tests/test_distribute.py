@@ -1,4 +1,5 @@
-"""Distribution: 2 mirrored replicas, 2 multi-worker processes, a chief and 2 tuner workers."""
+"""Distribution: 2 mirrored replicas, 2 multi-worker processes (the chief-and-workers
+search is in test_search.py)."""
 
 import json
 import os
@@ -158,55 +159,6 @@ def test_worker_task_reads_tf_config(monkeypatch):
     assert worker_task() == (None, 0, True)
     # Outside multi-worker training every process writes where it was asked to.
     assert worker_directory("out", get_strategy("mirrored")) == "out"
-
-
-TUNER = textwrap.dedent("""
-    import json, os, sys
-    import keras, keras_tuner as kt, numpy as np
-
-    def build(hp):
-        model = keras.Sequential([keras.Input((4,)),
-                                  keras.layers.Dense(hp.Int("units", 2, 64), activation="relu"),
-                                  keras.layers.Dense(1)])
-        model.compile("adam", "mse")
-        return model
-
-    class Logged(kt.RandomSearch):
-        def run_trial(self, trial, *args, **kwargs):
-            me = os.environ["KERASTUNER_TUNER_ID"]
-            with open(os.path.join(sys.argv[1], "ran-" + me + ".txt"), "a") as f:
-                f.write(trial.trial_id + "\\n")
-            return super().run_trial(trial, *args, **kwargs)
-
-    x = np.random.default_rng(0).random((64, 4)); y = x.sum(1)
-    tuner = Logged(build, objective="val_loss", max_trials=4, directory=sys.argv[1],
-                   project_name="p", seed=0)
-    tuner.search(x, y, validation_split=0.25, epochs=1, verbose=0)
-    if os.environ["KERASTUNER_TUNER_ID"] == "chief":
-        trials = tuner.oracle.trials.values()
-        print("TRIALS", json.dumps(sorted((t.trial_id, t.status) for t in trials)))
-""")
-
-
-@pytest.mark.slow
-def test_chief_and_two_workers_run_each_trial_once(tmp_path, capfd):
-    script = tmp_path / "tune.py"
-    script.write_text(TUNER)
-    code = launch_tuning_cluster([sys.executable, str(script), str(tmp_path)], workers=2,
-                                 env={"TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert code == 0
-    ran = {}
-    for name in ("tuner0", "tuner1"):
-        path = tmp_path / f"ran-{name}.txt"
-        ran[name] = path.read_text().split() if path.exists() else []
-    all_ran = ran["tuner0"] + ran["tuner1"]
-    assert len(all_ran) == 4 and len(set(all_ran)) == 4, ran  # each trial exactly once
-    assert ran["tuner0"] and ran["tuner1"], ran  # both workers took trials
-    assert not (tmp_path / "ran-chief.txt").exists()  # the chief only serves the oracle
-    line = next(ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("TRIALS"))
-    trials = json.loads(line.split(" ", 1)[1])
-    assert sorted(t for t, _ in trials) == sorted(all_ran)
-    assert {s for _, s in trials} == {"COMPLETED"}
 
 
 def test_bad_strategy_and_workers():
