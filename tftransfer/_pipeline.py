@@ -106,14 +106,14 @@ def _to_float(layers, images, labels, *_):
 
 
 def _bookkeeping(batches, array, check, steps):
-    """The per-batch step, in order: array writes, files read, end of a pass."""
-    index_column = 2 if check is not None else None
+    """The per-batch step, in order: array writes, files read, end of a pass.
+    Python sees the whole batch only while it fills the array, else the indices."""
 
-    def keep(step, columns):
+    def keep(step, columns, index):
         if array is not None and not array.full:
             array.write(columns[-1], columns)
         if check is not None:
-            check.record(columns[index_column])
+            check.record(index)
         if step == steps - 1:  # the last batch of a full pass: every element went by
             if check is not None:
                 check.finish()
@@ -122,8 +122,12 @@ def _bookkeeping(batches, array, check, steps):
         return np.True_
 
     def step_fn(step, batch):
-        done = tf.numpy_function(lambda s, *c: keep(s, c), [step, *batch], tf.bool,
-                                 stateful=True)
+        if array is not None:
+            call = lambda s, *c: keep(s, c, c[2] if check is not None else None)  # noqa: E731
+            inputs = [step, *batch]
+        else:  # a ReadCheck alone: the file index is the third column
+            call, inputs = (lambda s, index: keep(s, (), index)), [step, batch[2]]
+        done = tf.numpy_function(call, inputs, tf.bool, stateful=True)
         with tf.control_dependencies([done]):
             return tuple(tf.identity(t) for t in batch)
 
