@@ -158,6 +158,8 @@ def measure(folder, rounds, budget):
                                         budget=budget))
             print(f"  {name}: {runs[name][-1]}", flush=True)
     result = {name: median_of(values) for name, values in runs.items()}
+    paired = [ours["epoch1"] / theirs["epoch1"] for ours, theirs in zip(runs["tftransfer"], runs["keras"])]
+    result["tftransfer"]["paired"] = paired  # per round: the two loaders ran back to back
     if result["tftransfer"]["cache"] == "memory":
         nocache = [run_child("ours", folder, "False", budget) for _ in range(rounds)]
         result["tftransfer cache=False"] = median_of(nocache)
@@ -214,7 +216,8 @@ def main(argv=None):
               f"ratio {ours['epoch1'] / keras_['epoch1']:.2f} (CPU "
               f"{ours['cpu1'] / keras_['cpu1']:.2f}); epoch 2 ratio "
               f"{ours['epoch2'] / keras_['epoch2']:.2f}; RSS growth ratio "
-              f"{ours['rss_growth'] / keras_['rss_growth']:.2f} (tftransfer cache: {ours['cache']})")
+              f"{ours['rss_growth'] / keras_['rss_growth']:.2f} (tftransfer cache: {ours['cache']}); "
+              f"epoch 1 ratio per round {', '.join(f'{r:.2f}' for r in ours['paired'])}")
         if ours["cache"] == "memory":
             print(f"N={n}: the memory cache's peak RSS growth {ours['rss_growth']:.3f} GB for "
                   f"{ours['cache_bytes'] / 1e9:.3f} GB of uint8 images "
