@@ -23,7 +23,6 @@ import tensorflow as tf
 
 from tftransfer import _checks, _folders, _images, _memory, _pipeline
 
-AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = _images.EXTENSIONS
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -36,7 +35,6 @@ AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
     "zoom": (keras.layers.RandomZoom, (0.1,)),
 }
 DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
-SHUFFLE_BUFFER = _pipeline.SHUFFLE_BUFFER  # bound for shuffle buffers of decoded images
 # Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 _Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
                                "cache augment interpolation validation_split budget")
@@ -214,10 +212,10 @@ def _fingerprint(spec: _Spec, *parts) -> str:
     return digest.hexdigest()[:12]
 
 
-def _build(spec, load, train, val, counts_, *, names, counts, class_weight, key, images,
+def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key, images,
            skipped=None, checks=(None, None)) -> ImageData:
     """ImageData from unbatched train/validation element datasets and ``load``;
-    ``counts_`` are their sizes (or None), ``images`` (both splits, or None)
+    ``sizes`` are their numbers of elements (or None), ``images`` (both splits, or None)
     decides ``cache="auto"``."""
     cache, nbytes = _cache_plan(spec, images)
 
@@ -229,8 +227,8 @@ def _build(spec, load, train, val, counts_, *, names, counts, class_weight, key,
             cache=cache and f"{cache}-{key}-{tag}", check=check)
 
     data = ImageData(
-        train=make(train, counts_[0], "train", checks[0]), class_names=names,
-        validation=None if val is None else make(val, counts_[1], "validation", checks[1]),
+        train=make(train, sizes[0], "train", checks[0]), class_names=names,
+        validation=None if val is None else make(val, sizes[1], "validation", checks[1]),
         num_classes=len(names), image_size=spec.image_size, channels=spec.channels,
         class_weight=_class_weight(class_weight, names, counts),
         skipped=list(skipped or []), augmented=bool(spec.augment),
