@@ -230,6 +230,27 @@ def test_memory_cache_serves_later_epochs_without_reading_files(tmp_path):
     assert len(first) == 24 and len({a.tobytes() for a in first}) == 24
 
 
+def test_from_dataset_memory_cache_keeps_every_image_and_reshuffles():
+    """A stream of known length is cached in one array too: the second and third
+    epochs give the first epoch's images, each once, in new orders."""
+    x, y = _digits((10, 10, 10))
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    data = tfd.from_dataset(ds, validation=ds.take(6), image_size=(8, 8), channels=3,
+                            class_names=CLASSES, batch_size=7, cache="memory")
+    assert data.cache == "memory" and data.cache_bytes == 36 * 8 * 8 * 3
+    first, labels = _epoch(data.train)
+    assert len(first) == 30 and len({a.tobytes() for a in first}) == 30
+    validation = _epoch(data.validation)[0]
+    assert len(validation) == 6
+    previous = first
+    for _ in range(2):
+        again, again_labels = _epoch(data.train)
+        assert sorted(zip(map(bytes, again), again_labels)) == sorted(zip(map(bytes, first), labels))
+        assert not np.array_equal(again, previous)  # a new order (seeded)
+        previous = again
+        np.testing.assert_array_equal(_epoch(data.validation)[0], validation)
+
+
 def test_file_cache_and_model_input_size(folder, tmp_path):
     inputs = keras.Input((24, 20, 1))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
