@@ -251,6 +251,29 @@ def test_from_dataset_memory_cache_keeps_every_image_and_reshuffles():
         np.testing.assert_array_equal(_epoch(data.validation)[0], validation)
 
 
+def test_pipelines_run_one_call_per_core_with_the_autotuner_off(folder):
+    """On 2 cores tf.data's autotuner left half a core idle for whole passes in
+    about half of them (bench/data_scale.py): every loader's splits turn it off
+    and decode on every core; a user's `with_options` turns it back on."""
+    from tftransfer import _pipeline
+
+    x, y = _digits((10, 10, 10))
+    loaded = [_load(folder)[0], _load(folder, cache=False, augment="default")[0],
+              tfd.from_arrays(x, y, image_size=(8, 8)),
+              tfd.from_dataset(tf.data.Dataset.from_tensor_slices((x, y)), image_size=(8, 8),
+                               validation=tf.data.Dataset.from_tensor_slices((x, y)),
+                               class_names=CLASSES)]
+    for data in loaded:
+        for ds in (data.train, data.validation):
+            assert ds.options().autotune.enabled is False
+            assert ds.options().autotune.initial_parallelism == _pipeline.cores()
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    tuned = loaded[0].validation.with_options(options)
+    assert tuned.options().autotune.enabled is True
+    np.testing.assert_array_equal(_epoch(tuned)[0], _epoch(loaded[0].validation)[0])
+
+
 def test_file_cache_and_model_input_size(folder, tmp_path):
     inputs = keras.Input((24, 20, 1))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))

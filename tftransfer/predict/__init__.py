@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _images
+from tftransfer import _images, _pipeline
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner
@@ -246,9 +246,9 @@ def _decoder(from_files, channels, size):
 
 def _decoded_batches(sources, names, decode, batch_size):
     """Decodes in parallel (tf.data); a file that fails is named in the error."""
-    dataset = (tf.data.Dataset.from_tensor_slices(sources)
-               .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    dataset = _pipeline.steady(tf.data.Dataset.from_tensor_slices(sources)
+                               .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+                               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
     done = 0
     try:
         for batch in dataset:
