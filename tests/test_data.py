@@ -223,6 +223,7 @@ def test_memory_cache_serves_later_epochs_without_reading_files(tmp_path):
     shutil.rmtree(tmp_path)
     for _ in range(2):
         again, again_labels = _epoch(data.train)
+        assert again.dtype == first.dtype == np.float32  # stored as uint8, served as float32
         assert not np.array_equal(again, first)  # reshuffled
         assert sorted(zip(map(bytes, again), again_labels)) == sorted(
             zip(map(bytes, first), labels))

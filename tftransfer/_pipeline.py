@@ -5,7 +5,8 @@
       -> prefetch
 
 An in-memory cache is an :class:`ArrayCache`: the split's resized images in
-one preallocated ``uint8`` array, filled during the first full pass and read
+one preallocated ``uint8`` array, filled (from the float32 batches the first
+pass yields anyway) during the first full pass and read
 back a batch at a time (a fresh permutation every epoch) after it. It holds
 exactly the ``N * H * W * C`` bytes that ``cache="auto"`` compares with the
 budget. ``tf.data``'s own in-memory cache keeps one heap allocation per image,
@@ -62,11 +63,13 @@ class ArrayCache:
         return -(-self.size // self.batch_size)
 
     def write(self, rows, columns):
-        """Stores a batch of ``columns`` (arrays with a first axis of rows)."""
+        """Stores a batch of ``columns`` (arrays with a first axis of rows); the
+        first one, float images of whole values 0-255, as uint8 (exact)."""
         if self.columns is None:  # np.empty: pages are only used as rows are written
-            self.columns = [np.empty((self.size, *c.shape[1:]), c.dtype) for c in columns]
+            self.columns = [np.empty((self.size, *c.shape[1:]), np.uint8 if i == 0 else c.dtype)
+                            for i, c in enumerate(columns)]
         for stored, column in zip(self.columns, columns):
-            stored[rows] = column
+            stored[rows] = column  # (numpy casts while it copies: no pass of its own)
         self.written[rows] = True
 
     def read(self, step):
@@ -80,10 +83,11 @@ class ArrayCache:
 
     def reader(self, element_spec) -> tf.data.Dataset:
         """Batches of the stored rows, with ``element_spec`` (batched)."""
-        dtypes = [s.dtype for s in element_spec]
+        dtypes = [tf.uint8] + [s.dtype for s in element_spec[1:]]
 
         def read(step):
             columns = tf.numpy_function(self.read, [step], dtypes, stateful=True)
+            columns[0] = tf.cast(columns[0], element_spec[0].dtype)
             return tuple(tf.ensure_shape(c, s.shape) for c, s in zip(columns, element_spec))
 
         return tf.data.Dataset.range(self.steps).map(_plain(read))
@@ -179,8 +183,8 @@ def split_pipeline(elements, load, *, count, batch_size, shuffle, seed, cache,
     array = ArrayCache(count, batch_size, shuffle, seed + 1) if cache == "" and count else None
     indices = isinstance(elements.element_spec, tf.TensorSpec) and not elements.element_spec.shape
     size = count if indices and count else min(count or SHUFFLE_BUFFER, SHUFFLE_BUFFER)
-    if cache is not None:  # whole values: uint8 is exact, a quarter of float32's bytes
-        load = _as_uint8(load)
+    if cache is not None and array is None:  # whole values: uint8 is exact, a quarter of
+        load = _as_uint8(load)  # float32's bytes (the array cache converts as it stores)
     if array is not None:
         elements, load = elements.enumerate(), _with_row(load)
     load = _plain(load)
