@@ -5,9 +5,9 @@
       -> prefetch
 
 An in-memory cache is an :class:`ArrayCache`: the split's resized images in
-one preallocated ``uint8`` array, filled (from the float32 batches the first
-pass yields anyway) during the first full pass and read
-back a batch at a time (a fresh permutation every epoch) after it. It holds
+one preallocated ``uint8`` array, filled from the float32 batches of the first
+full pass and read back a batch at a time (a fresh permutation every epoch)
+after it. It holds
 exactly the ``N * H * W * C`` bytes that ``cache="auto"`` compares with the
 budget. ``tf.data``'s own in-memory cache keeps one heap allocation per image,
 and glibc's malloc left 1.8-2.4 GB resident for 0.75 GB of images (5,000
@@ -183,8 +183,10 @@ def split_pipeline(elements, load, *, count, batch_size, shuffle, seed, cache,
     array = ArrayCache(count, batch_size, shuffle, seed + 1) if cache == "" and count else None
     indices = isinstance(elements.element_spec, tf.TensorSpec) and not elements.element_spec.shape
     size = count if indices and count else min(count or SHUFFLE_BUFFER, SHUFFLE_BUFFER)
-    if cache is not None and array is None:  # whole values: uint8 is exact, a quarter of
-        load = _as_uint8(load)  # float32's bytes (the array cache converts as it stores)
+    # Whole values: uint8 is exact, a quarter of float32's bytes. A file cache stores
+    # elements as they come; the array cache converts as it stores.
+    if cache is not None and array is None:
+        load = _as_uint8(load)
     if array is not None:
         elements, load = elements.enumerate(), _with_row(load)
     load = _plain(load)
