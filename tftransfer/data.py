@@ -7,37 +7,19 @@ Example:
     >>> model.fit(data.train, validation_data=data.validation, class_weight=data.class_weight)
 """
 
-import atexit
-import collections
 import dataclasses
 import functools
-import hashlib
 import os
-import shutil
-import tempfile
 import warnings
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _folders, _images, _memory, _pipeline
+from tftransfer import _checks, _folders, _images, _pipeline, _settings
 
 IMAGE_EXTENSIONS = _images.EXTENSIONS
-CACHE_MODES = ("auto", "memory", "disk", True, False, None)
-INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
-                  "lanczos5", "mitchellcubic", "nearest")
-AUGMENTATIONS = {  # name -> (layer class, positional args); pixels stay 0-255
-    "contrast": (keras.layers.RandomContrast, (0.1, (0, 255))),
-    "flip": (keras.layers.RandomFlip, ("horizontal",)),
-    "rotation": (keras.layers.RandomRotation, (0.1,)),
-    "translation": (keras.layers.RandomTranslation, (0.1, 0.1)),
-    "zoom": (keras.layers.RandomZoom, (0.1,)),
-}
-DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
-# Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
-_Spec = collections.namedtuple("_Spec", "image_size channels batch_size seed shuffle "
-                               "cache augment interpolation validation_split budget")
+CACHE_MODES, INTERPOLATIONS = _settings.CACHE_MODES, _settings.INTERPOLATIONS
+AUGMENTATIONS, DEFAULT_AUGMENTATION = _settings.AUGMENTATIONS, _settings.DEFAULT_AUGMENTATION
 
 
 @dataclasses.dataclass
@@ -82,142 +64,12 @@ class ImageData:
     cache_bytes: int | None = None
 
 
-def _invalid(arg: str, expected: str, value) -> ValueError:
-    shown = (f"array(shape={value.shape}, dtype={value.dtype})"
-             if isinstance(value, np.ndarray) else repr(value))
-    return ValueError(f"Invalid `{arg}`: expected {expected}. Received: {arg}={shown}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _resolve_shape(model, image_size, channels) -> tuple[tuple[int, int], int]:
-    """Returns ``((H, W), C)`` from ``model`` and/or the explicit values."""
-    if model is None and image_size is None:
-        raise ValueError("Either `model` (its input shape gives the size) or `image_size="
-                         "(height, width)` must be given. Received: model=None, image_size=None")
-    shape = (None,) * 4 if model is None else getattr(model, "input_shape", None)
-    if not (isinstance(shape, tuple) and len(shape) == 4):
-        raise _invalid("model", "a keras.Model with one image input of shape "
-                       "[None, H, W, C]", getattr(model, "name", model))
-    size = shape[1:3] if image_size is None else image_size
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(_is_int(s) and s > 0 for s in size)):
-        raise _invalid("image_size", f"(height, width), 2 positive ints (model input "
-                       f"shape: {shape})", image_size)
-    if None not in shape[1:3] and tuple(size) != shape[1:3]:
-        raise _invalid("image_size", f"{shape[1:3]} (the model's input size) or None",
-                       image_size)
-    want = channels if channels is not None else (shape[3] or 3)
-    if not _is_int(want) or want < 1 or shape[3] not in (None, want):
-        raise _invalid("channels", f"a positive int, matching the model's input "
-                       f"channels ({shape[3]})" if shape[3] else "a positive int", channels)
-    return tuple(int(s) for s in size), int(want)
-
-
-def _augment_layers(augment, seed: int) -> tuple:
-    """Turns the ``augment`` argument into a tuple of keras layers."""
-    if augment is None or augment is False:
-        return ()
-    items = DEFAULT_AUGMENTATION if augment is True or augment == "default" else augment
-    items = [items] if isinstance(items, str) else items
-    expected = f"None, True, 'default', or a list of {sorted(AUGMENTATIONS)} and/or keras layers"
-    if not isinstance(items, (list, tuple)):
-        raise _invalid("augment", expected, augment)
-    for item in items:
-        if not isinstance(item, keras.layers.Layer) and item not in list(AUGMENTATIONS):
-            raise _invalid("augment", f"{expected}; unknown entry {item!r}", augment)
-    return tuple(item if isinstance(item, keras.layers.Layer) else AUGMENTATIONS[item][0](
-        *AUGMENTATIONS[item][1], seed=seed + i, dtype="float32") for i, item in enumerate(items))
-
-
-def _check_cache(cache):
-    """``cache`` argument -> "auto" | "memory" | "disk" | None | file prefix."""
-    if cache in CACHE_MODES or isinstance(cache, (str, os.PathLike)) and os.fspath(cache):
-        return {True: "memory", False: None}.get(cache, cache) if cache in CACHE_MODES \
-            else os.fspath(cache)
-    raise _invalid("cache", "'auto' (memory when it fits the budget), 'memory' or True, "
-                   "'disk', a file path prefix, or False/None", cache)
-
-
-def _make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
-               augment, interpolation, validation_split=0.0, cache_budget=None, **_) -> _Spec:
-    """Validates the arguments every loader shares (called with ``locals()``)."""
-    size, channels = _resolve_shape(model, image_size, channels)
-    if not _is_int(batch_size) or batch_size < 1:
-        raise _invalid("batch_size", "an int >= 1", batch_size)
-    if not isinstance(validation_split, (int, float)) or not 0 <= validation_split < 1:
-        raise _invalid("validation_split", "a float in [0, 1)", validation_split)
-    if interpolation not in INTERPOLATIONS:
-        raise _invalid("interpolation", f"one of {INTERPOLATIONS}", interpolation)
-    if not _is_int(seed):
-        raise _invalid("seed", "an int", seed)
-    cache = _check_cache(cache)
-    if cache not in CACHE_MODES:
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    return _Spec(size, channels, int(batch_size), int(seed), bool(shuffle), cache,
-                 _augment_layers(augment, int(seed)), interpolation, float(validation_split),
-                 _memory.budget(cache_budget))
-
-
-def _disk_cache_prefix() -> str:
-    """A fresh temporary directory for ``cache="disk"``, removed at exit."""
-    folder = tempfile.mkdtemp(prefix="tftransfer-cache-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return os.path.join(folder, "images")
-
-
-def _cache_plan(spec: _Spec, images: int | None) -> tuple[str | None, int | None]:
-    """``(cache, bytes)``: None (off), "" (memory) or a file prefix, and the
-    uint8 size of ``images`` resized images (``None`` if unknown)."""
-    nbytes = None if images is None else images * int(np.prod(spec.image_size)) * spec.channels
-    fits = nbytes is not None and nbytes <= spec.budget
-    if spec.cache == "memory" and nbytes is not None and not fits:
-        warnings.warn(f"cache='memory' keeps {images} resized images in memory: "
-                      f"{_memory.show(nbytes)} as uint8, over the cache budget of "
-                      f"{_memory.show(spec.budget)} (set by `cache_budget=` or "
-                      f"${_memory.ENV}). Use cache='auto' or 'disk' to stay in bounds.",
-                      stacklevel=4)
-    plan = {"auto": "" if fits else None, "memory": "", "disk": None, None: None}
-    if spec.cache == "disk":
-        return _disk_cache_prefix(), nbytes
-    return plan.get(spec.cache, spec.cache), nbytes
-
-
-def _class_weight(class_weight, class_names, counts) -> dict[int, float] | None:
-    """Resolves ``None`` | ``"balanced"`` | dict into ``{index: weight}``."""
-    k = len(class_names)
-    if class_weight is None:
-        return None
-    if isinstance(class_weight, str) and class_weight == "balanced":
-        return {c: float(counts.sum() / (k * m)) if m else 0.0 for c, m in enumerate(counts)}
-    index = {name: i for i, name in enumerate(class_names)}
-    try:
-        out = {index.get(c, c): float(w) for c, w in class_weight.items()}
-    except (AttributeError, TypeError, ValueError):
-        out = {}
-    if sorted(out, key=str) != sorted(range(k), key=str) or not all(map(_is_int, out)) \
-            or not all(0 <= w < float("inf") for w in out.values()):
-        raise _invalid("class_weight", f"None, 'balanced', or a dict with a weight >= 0 "
-                       f"for every class (keys 0..{k - 1} or {class_names})", class_weight)
-    return {int(c): out[c] for c in range(k)}
-
-
-def _fingerprint(spec: _Spec, *parts) -> str:
-    """Hash of ``parts`` and of the settings that change cached images."""
-    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:9]).encode())  # not augment
-    for part in parts:
-        digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
-    return digest.hexdigest()[:12]
-
-
 def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key, images,
            skipped=None, checks=(None, None)) -> ImageData:
     """ImageData from unbatched train/validation element datasets and ``load``;
     ``sizes`` are their numbers of elements (or None), ``images`` (both splits, or None)
     decides ``cache="auto"``."""
-    cache, nbytes = _cache_plan(spec, images)
+    cache, nbytes = _settings.cache_plan(spec, images)
 
     def make(ds, count, tag, check):
         train = tag == "train"
@@ -230,7 +82,7 @@ def _build(spec, load, train, val, sizes, *, names, counts, class_weight, key, i
         train=make(train, sizes[0], "train", checks[0]), class_names=names,
         validation=None if val is None else make(val, sizes[1], "validation", checks[1]),
         num_classes=len(names), image_size=spec.image_size, channels=spec.channels,
-        class_weight=_class_weight(class_weight, names, counts),
+        class_weight=_settings.resolve_class_weight(class_weight, names, counts),
         skipped=list(skipped or []), augmented=bool(spec.augment),
         counts=None if counts is None else dict(zip(names, map(int, counts))),
         cache="memory" if cache == "" else cache, cache_bytes=nbytes)
@@ -268,11 +120,11 @@ def _indexed(spec, load, labels, names, class_weight, key, skipped=None,
 def _list_images(root) -> _folders.Listing:
     """The cheap listing of ``root``; warns once about the files it leaves out."""
     if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
-        raise _invalid("path", "an existing directory with one subfolder per class", root)
+        raise _settings.invalid("path", "an existing directory with one subfolder per class", root)
     classes = sorted(e.name for e in os.scandir(root)
                      if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise _invalid("path", "a directory with one subfolder of images per class "
+        raise _settings.invalid("path", "a directory with one subfolder of images per class "
                        "(e.g. path/cat/1.jpg, path/dog/2.png)", root)
     listing = _folders.list_images(root, classes)
     message = _folders.listing_warning(listing.bad, listing.excluded)
@@ -281,7 +133,7 @@ def _list_images(root) -> _folders.Listing:
     counts = np.bincount(listing.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise _invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
+        raise _settings.invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
                        f"per class subfolder; none in {empty} ({len(listing.bad)} undecodable "
                        "file(s) skipped overall)", root)
     return listing
@@ -335,9 +187,9 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
         ...                       augment=["flip", "zoom"], class_weight="balanced")
         >>> images, labels = next(iter(data.train))  # float32 0-255, int32
     """
-    spec = _make_spec(**locals())
+    spec = _settings.make_spec(**locals())
     listing = _list_images(path)
-    key = spec.cache not in CACHE_MODES and _fingerprint(
+    key = spec.cache not in CACHE_MODES and _settings.fingerprint(
         spec, listing.paths, [os.stat(p)[8:] for p in listing.paths])  # sizes and times
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
@@ -356,10 +208,10 @@ def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
-        raise _invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
+        raise _settings.invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
     if y.ndim != 1 or len(y) != len(x) or len(y) == 0 \
             or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise _invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
+        raise _settings.invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
     if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
         warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
                       "expected (models preprocess themselves).", stacklevel=3)
@@ -370,7 +222,7 @@ def _names_for(class_names, num_labels: int) -> list[str]:
     if class_names is None:
         return [str(i) for i in range(num_labels)]
     if isinstance(class_names, str) or len(class_names) < num_labels:
-        raise _invalid("class_names", f"a list of at least {num_labels} names "
+        raise _settings.invalid("class_names", f"a list of at least {num_labels} names "
                        "(one per label)", class_names)
     return [str(c) for c in class_names]
 
@@ -392,11 +244,11 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         >>> (x, y), _ = keras.datasets.mnist.load_data()
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
     """
-    spec = _make_spec(**locals())
+    spec = _settings.make_spec(**locals())
     x, y = _check_arrays(x, y)
     _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
-    key = spec.cache and _fingerprint(spec, x, y)
+    key = spec.cache and _settings.fingerprint(spec, x, y)
     images, labels = tf.constant(x), tf.constant(y)
     load = lambda i: (_fitted(images[i], spec), labels[i])  # noqa: E731
     return _indexed(spec, load, y, class_names, class_weight, key)
@@ -415,7 +267,7 @@ def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
     image = spec[0].shape if isinstance(spec, tuple) and len(spec) == 2 else None
     if image is None or image.rank not in (2, 3) or image[-1] is None and image.rank == 3 \
             or spec[1].shape.rank != 0 or not spec[1].dtype.is_integer:
-        raise _invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
+        raise _settings.invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
                        "known C, integer label []) pairs, or batches of them", ds)
     return ds
 
@@ -436,7 +288,7 @@ def _stream(spec, train, val, names, counts, class_weight, key, images) -> Image
     load = lambda x, y: (_fitted(x, spec), tf.cast(y, tf.int32))  # noqa: E731
     sizes = [None if ds is None else _num_images(ds) for ds in (train, val)]
     return _build(spec, load, train, val, sizes, names=names,
-                  counts=counts, class_weight=class_weight, key=_fingerprint(spec, key),
+                  counts=counts, class_weight=class_weight, key=_settings.fingerprint(spec, key),
                   images=images)
 
 
@@ -460,7 +312,7 @@ def from_dataset(ds, *, validation=None, class_names=None, model=None,
         >>> ds = tf.data.Dataset.from_tensor_slices((images, labels))
         >>> data = from_dataset(ds, class_names=["cat", "dog"], model=model)
     """
-    spec = _make_spec(**locals())
+    spec = _settings.make_spec(**locals())
     ds = _check_element_spec(ds, "ds")
     validation = validation and _check_element_spec(validation, "validation")
     count = class_names is None or class_weight == "balanced"
@@ -494,7 +346,7 @@ def _tfds_builder(name: str, data_dir, download: bool):
     keys = builder.info.supervised_keys
     if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
             and isinstance(builder.info.features[keys[1]], tfds.features.ClassLabel)):
-        raise _invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
+        raise _settings.invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
     return builder, keys
 
 
@@ -521,10 +373,10 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
     """
     import tensorflow_datasets as tfds
 
-    spec = _make_spec(**locals())
+    spec = _settings.make_spec(**locals())
     splits = (split, None) if isinstance(split, str) else split
     if not isinstance(splits, (tuple, list)) or len(splits) != 2 or not isinstance(splits[0], str):
-        raise _invalid("split", "a TFDS split string or (train, validation_or_None)", split)
+        raise _settings.invalid("split", "a TFDS split string or (train, validation_or_None)", split)
     builder, (image_key, label_key) = _tfds_builder(name, data_dir, download)
     names, counts = builder.info.features[label_key].names, None
     read = functools.partial(builder.as_dataset, as_supervised=True,
