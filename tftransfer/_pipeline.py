@@ -10,15 +10,15 @@ full pass and read back a batch at a time (a fresh permutation every epoch)
 after it. It holds exactly the ``N * H * W * C`` bytes that ``cache="auto"``
 compares with the budget. The array is an anonymous memory map of ordinary
 pages: numpy asks for transparent huge pages on large arrays, and here writing
-0.75 GB of fresh huge pages took 1.35 s of system time against 0.6-0.7 s in 4
-KB pages (a fresh process each, ``page_reporting`` VM). While the array fills,
-batches reach the bookkeeping through a one-batch prefetch, so decoding goes
-on while Python copies a batch into the array (first epoch 4.7 s instead of
-5.3 s at 5,000 images, 8 rounds in one process). ``tf.data``'s own in-memory
-cache keeps one heap allocation per image, and glibc's malloc left 1.8-2.4 GB
-resident for 0.75 GB of images (5,000 images at 224 px,
-``bench/data_scale.py``); it is only used when the number of elements is
-unknown.
+0.75 GB of fresh memory took 1.05-1.46 s of CPU in huge pages against
+0.80-1.06 s in 4 KB pages (4 fresh processes each, alternating; a VM that
+hands freed memory back to its host). While the array fills, batches reach the
+bookkeeping through a one-batch prefetch, so decoding goes on while Python
+copies a batch into the array (first epoch 4.7 s instead of 5.3 s at 5,000
+images, 8 rounds in one process). ``tf.data``'s own in-memory cache keeps one
+heap allocation per image, and glibc's malloc left 1.8-2.4 GB resident for
+0.75 GB of images (5,000 images at 224 px, ``bench/data_scale.py``); it is
+only used when the number of elements is unknown.
 
 The bookkeeping step runs once per batch, in order: it writes the batch into
 the array cache, marks its files as read for a ``_folders.ReadCheck``, and on
