@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from tftransfer import _memory
+from tftransfer._checks import is_int
 
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -35,10 +36,6 @@ def invalid(arg: str, expected: str, value) -> ValueError:
     shown = (f"array(shape={value.shape}, dtype={value.dtype})"
              if isinstance(value, np.ndarray) else repr(value))
     return ValueError(f"Invalid `{arg}`: expected {expected}. Received: {arg}={shown}")
-
-
-def is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_shape(model, image_size, channels) -> tuple[tuple[int, int], int]:
