@@ -22,12 +22,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _images, _pipeline
+from tftransfer import _images, _pipeline, tasks
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner
-
-_TASKS = _contract.TASKS
 
 
 def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
@@ -119,8 +117,8 @@ class _Predictor:
     @classmethod
     def _keras(cls, model):
         n = int(model.output_shape[-1])
-        names = getattr(model, "class_names", None) or [str(i) for i in range(n)]
-        task = getattr(model, "task", None) or _infer_task(model)
+        names = tasks.class_names_of(model) or tasks.default_class_names(n)
+        task = tasks.task_of(model)
         warn = model.warn_if_unit_range if isinstance(model, FineTuner) else None
         return cls(lambda x: model(x, training=False), model.input_shape[1:], names, task, warn)
 
@@ -146,11 +144,6 @@ class _Predictor:
         predictor = cls(call, spec.shape[1:], names, task)
         predictor.loaded = loaded  # keeps the SavedModel's variables alive
         return predictor
-
-
-def _infer_task(model):
-    activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
-    return {"softmax": "classification", "sigmoid": "multi_label"}.get(activation, "regression")
 
 
 def _read_json(path):
@@ -232,7 +225,8 @@ def files_of(path):
 
 def _existing(path):
     if not os.path.isfile(path):
-        raise ValueError(f"`images` names a file that does not exist. Received: {path!r}")
+        raise ValueError(f"`images` names a file that does not exist. Received: images=[..., "
+                         f"{path!r}, ...]")
     return path
 
 

@@ -17,10 +17,12 @@ import copy
 
 import yaml
 
-# The names `tftransfer.optim.get_optimizer` accepts, listed here so that a
-# config is checked without importing Keras (tests compare both lists).
-OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
-              "lion", "nadam", "rmsprop", "sgd")
+from tftransfer import _names
+
+# The names `tftransfer.optim` and `build_finetuner` accept, from the module that
+# holds them without Keras, so that a config is checked quickly.
+OPTIMIZERS = tuple(_names.OPTIMIZERS)
+DTYPE_POLICIES = _names.DTYPE_POLICIES
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
@@ -29,7 +31,6 @@ REGULARIZERS = ("none", "l1", "l2", "l1_l2")
 SAMPLINGS = ("linear", "log")
 RANGE_KEYS = ("min", "max", "sampling", "step")
 INT_RANGE_KEYS = ("int_min", "int_max", "step")
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
