@@ -29,10 +29,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import freezing, heads, optim
+from tftransfer import freezing, heads, optim, tasks
+from tftransfer._names import DTYPE_POLICIES
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
 INPUT_RANGE = (0.0, 255.0)
 
@@ -70,6 +70,7 @@ class FineTuner(keras.Model):
                  hidden_units=(), dropout=0.0, regularizer=None, pooling="avg",
                  class_names=None, source=None, recipe=None, dtype_policy=None,
                  name="finetuner", **kwargs):
+        task = tasks.check_task(task)
         num_classes = heads.check_num_classes(num_classes, task)
         policy = _check_dtype_policy(dtype_policy)
         if policy is not None:
@@ -148,7 +149,7 @@ class FineTuner(keras.Model):
 
     @class_names.setter
     def class_names(self, names):
-        self._class_names = _check_class_names(names, self._num_classes)
+        self._class_names = tasks.check_class_names(names, self._num_classes)
 
     @property
     def input_range(self):
@@ -288,14 +289,18 @@ class FineTuner(keras.Model):
 
     # === Input checks ===
     def warn_if_unit_range(self, images, argument="x"):
-        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model."""
+        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model.
+
+        Reads the first images only, unless they look like 0-1 data: then
+        all of them decide, so a call with raw pixels costs a small sample.
+        """
         if self._warned_unit_range or not _is_array(images):
             return
-        array = np.asarray(images)
-        if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
+        high = _pixel_max(images)
+        if high is not None and high <= 1.0:
             self._warned_unit_range = True
             warnings.warn(
-                f"`{argument}` looks like images scaled to [0, 1] (max {float(np.nanmax(array)):g}), "
+                f"`{argument}` looks like images scaled to [0, 1] (max {float(high):g}), "
                 f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
                 "scales them for the backbone). Multiply the images by 255.",
                 stacklevel=3,
@@ -367,21 +372,27 @@ def _regularize(backbone, regularizer):
             kernel.regularizer = regularizer
 
 
-def _check_class_names(names, num_classes):
-    if names is None:
-        return None
-    names = list(names) if not isinstance(names, str) else None
-    if names is None or len(names) != num_classes or not all(
-            isinstance(n, str) and n and "\n" not in n for n in names):
-        raise ValueError(
-            f"`class_names` must be a list of {num_classes} non-empty strings without "
-            f"newlines, one per output. Received: class_names={names!r}"
-        )
-    return names
-
-
 def _serialize(obj):
     return None if obj is None else keras.saving.serialize_keras_object(obj)
+
+
+# The images the 0-1 check reads first; all are read only when these look 0-1.
+_RANGE_SAMPLE = 32
+
+
+def _pixel_max(images):
+    """The largest value of float `images` (NaN ignored), or None for other
+    dtypes and empty arrays; decided by the first `_RANGE_SAMPLE` images when
+    one of them holds a value above 1."""
+    sample = np.asarray(images[:_RANGE_SAMPLE] if np.ndim(images) else images)
+    if not sample.size or not np.issubdtype(sample.dtype, np.floating):
+        return None
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN sample
+        high = np.nanmax(sample)
+        if high > 1.0 or sample.ndim == 0 or len(sample) == len(images):
+            return high
+        return np.nanmax(np.asarray(images))
 
 
 def _is_array(x):
