@@ -116,7 +116,12 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             marked failed (the same call retries it).
     """
     model = _check_model(model)
-    _checks.fine_tune_arguments(**locals())
+    _checks.fine_tune_arguments(
+        model=model, head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, unfreeze=unfreeze,
+        fine_tune_learning_rate=fine_tune_learning_rate, lr_factor=lr_factor,
+        layerwise_lr_decay=layerwise_lr_decay, freeze_batchnorm=freeze_batchnorm,
+        batch_size=batch_size, shuffle=shuffle, early_stopping=early_stopping,
+        overwrite=overwrite, initial_epoch=initial_epoch, keep_best_stage=keep_best_stage)
     _checks.fine_tune_data(model, train, validation, class_weight)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
     data.adopt_class_names(model)
