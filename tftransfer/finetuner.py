@@ -4,7 +4,7 @@ import keras
 
 from tftransfer import _checks, heads, optim
 from tftransfer.backbones import load_backbone
-from tftransfer.distribute import prepare_model, scope
+from tftransfer.distribute import scope
 from tftransfer.model import FineTuner
 
 
@@ -114,7 +114,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
         instance = optimizer if isinstance(optimizer, keras.optimizers.Optimizer) else "auto"
         model.compile(optimizer=instance, loss=loss, metrics=metrics)  # an instance is used as is
-    return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
+    return model
 
 
 def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,

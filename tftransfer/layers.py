@@ -275,9 +275,12 @@ class HubLayer(keras.layers.Layer):
 
     def _track_weights(self, loaded):
         trainable, non_trainable = _variables_of(loaded, self._endpoint)
-        for v in trainable + non_trainable:
-            is_trainable = any(v is t for t in trainable)
-            self._track_variable(keras.Variable(v, trainable=is_trainable, name=_keras_name(v)))
+        variables = [keras.Variable(v, trainable=any(v is t for t in trainable),
+                                    name=_keras_name(v)) for v in trainable + non_trainable]
+        self.hub_variables = variables  # a list set as an attribute: Keras tracks each variable
+        if not self.trainable:  # as `add_weight` does in a frozen layer, once tracked
+            for v in variables:
+                v.trainable = False
         if self.trainable and not trainable:
             warnings.warn(
                 f"HubLayer is trainable but has zero trainable weights: the SavedModel at "

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer import freezing, heads, optim
+from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -38,7 +39,7 @@ INPUT_RANGE = (0.0, 255.0)
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
-class FineTuner(keras.Model):
+class FineTuner(MultiWorkerSteps, keras.Model):
     """A transfer-learning model: preprocessing, pretrained backbone, new head.
 
     Most users get one from `build_finetuner`; the constructor takes the
@@ -268,7 +269,7 @@ class FineTuner(keras.Model):
         Used to train stage 1 on cached features.
         """
         inputs = keras.Input(self._backbone.output_shape[1:], name="features")
-        model = keras.Model(inputs, self._head(inputs), name="head_model")
+        model = _HeadModel(inputs, self._head(inputs), name="head_model")
         self._compile_like(model, self.stage_optimizer(learning_rate))
         return model
 
@@ -339,6 +340,10 @@ class FineTuner(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+class _HeadModel(MultiWorkerSteps, keras.Model):
+    """The functional head model of `FineTuner.head_model` (trains across workers too)."""
 
 
 def _check_dtype_policy(policy):

@@ -306,7 +306,7 @@ def _stage1(model, data, epochs, base_lr, cache, state, common):
     if not use_cache:
         return _fit(model, data.train, data.validation, data.class_weight, start, end, state,
                     "stage1", common).history
-    head = distribute.prepare_model(model.head_model(base_lr))
+    head = model.head_model(base_lr)
     extract = tf.function(model.extract_features)
     on_disk = cache_features == "disk" and state.directory
     store = None

@@ -306,9 +306,21 @@ def build_tuner(cfg, data, out, strategy=None, hooks=()):
                                     cfg["run"]["strategy"], seed=cfg["tuner"]["seed"],
                                     dtype_policy=cfg["run"]["dtype_policy"],
                                     jit_compile=cfg["run"]["jit_compile"])
+    hooks = [*trial_hooks(cfg), *hooks]
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
         tuner = make_tuner(cfg, hypermodel, cfg["run"]["directory"], out, hooks)
     return hypermodel, tuner
+
+
+def trial_hooks(cfg):
+    """The per-trial hooks of a search with `cfg`, in whatever mode and process it runs.
+
+    Each is an object with optional `on_trial_begin(tuner, trial)` and
+    `on_trial_end(tuner, trial)` (`tftransfer.search.tuners.SearchTuner`); a
+    hook may end the search with `tuner.oracle.stop()`. The trial line and
+    `seconds_per_trial.json` are the tuner's own; none more yet.
+    """
+    return []
 
 
 def _for_this_worker(cfg, verbose):
