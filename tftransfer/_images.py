@@ -10,6 +10,7 @@ Example:
     >>> image = decode(tf.io.read_file("cat.webp"), channels=3, image_size=(224, 224))
 """
 
+import numpy as np
 import tensorflow as tf
 
 # Formats `tf.io.decode_image` reads, by the first bytes of the file.
@@ -42,6 +43,32 @@ def sniff(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def check_pixels(array, argument):
+    """`array` if its pixels are usable 0-255 values, else a ValueError naming `argument`.
+
+    Accepted: uint8; other integers within 0-255; floats without NaN or
+    infinity. Refused: bool, integers outside 0-255 (16-bit images: divide
+    by 257 first), NaN / infinity (the first bad image is named).
+    """
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
+                                   or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"`{argument}` must hold numeric pixels (uint8, or integers / floats in "
+                         "0-255); bool masks are not images (use `x.astype('uint8') * 255`). "
+                         f"Received: {argument}=array(dtype={array.dtype})")
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8 and array.size \
+            and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"`{argument}` holds integer pixels outside 0-255 ({array.min()} to "
+                         f"{array.max()}); for 16-bit images pass `(x // 257).astype('uint8')`. "
+                         f"Received: {argument}=array(dtype={array.dtype})")
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"`{argument}` holds NaN or infinite pixels, first in image "
+                             f"{int(np.argmin(finite))}. Received: {argument}=array(shape="
+                             f"{array.shape}, dtype={array.dtype})")
+    return array
 
 
 def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:

@@ -313,6 +313,13 @@ def _hub_input_shape(layer):
     concrete = (getattr(fn, "concrete_functions", None) or [fn])[0]
     args, kwargs = concrete.structured_input_signature
     spec = (list(args) + list(kwargs.values()))[0]
+    if isinstance(spec, (dict, list, tuple)):  # named inputs
+        names = sorted(spec) if isinstance(spec, dict) else f"{len(spec)} inputs"
+        raise ValueError(
+            f"`source` is a SavedModel whose function takes named inputs {names}, "
+            "not one image tensor, so it cannot be an image backbone as it is. Wrap it in a "
+            "tf.function taking the image alone (or pass `signature=` naming one that does). "
+            f"Received: source={layer.handle!r}")
     shape = tuple(spec.shape[1:])
     if len(shape) not in (2, 3) or None in shape:
         raise ValueError(

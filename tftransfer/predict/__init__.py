@@ -314,7 +314,7 @@ def _arrays(array, predictor, batch_size):
             f"`images` as an array must be [n, {', '.join(map(str, shape))}] "
             f"(or one image). Received: images=array(shape={array.shape}, dtype={array.dtype})"
         )
-    array = check_pixels(array, "images")
+    array = _images.check_pixels(array, "images")
     if predictor.warn_range is not None:
         predictor.warn_range(array, "images")
     if tuple(array.shape[1:]) != shape:
@@ -325,32 +325,6 @@ def _arrays(array, predictor, batch_size):
     batches = ((array[i:i + batch_size], rows[i:i + batch_size])
                for i in range(0, len(array), batch_size))
     return _Source(batches, [f"images[{i}]" for i in rows])
-
-
-def check_pixels(array, argument):
-    """`array` if its pixels are usable 0-255 values, else a ValueError naming `argument`.
-
-    Accepted: uint8; other integers within 0-255; floats without NaN or
-    infinity. Refused: bool, integers outside 0-255 (16-bit images: divide
-    by 257 first), NaN / infinity (the first bad image is named).
-    """
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
-                                   or np.issubdtype(array.dtype, np.floating)):
-        raise ValueError(f"`{argument}` must hold numeric pixels (uint8, or integers / floats in "
-                         "0-255); bool masks are not images (use `x.astype('uint8') * 255`). "
-                         f"Received: {argument}=array(dtype={array.dtype})")
-    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8 and array.size \
-            and (array.min() < 0 or array.max() > 255):
-        raise ValueError(f"`{argument}` holds integer pixels outside 0-255 ({array.min()} to "
-                         f"{array.max()}); for 16-bit images pass `(x // 257).astype('uint8')`. "
-                         f"Received: {argument}=array(dtype={array.dtype})")
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"`{argument}` holds NaN or infinite pixels, first in image "
-                             f"{int(np.argmin(finite))}. Received: {argument}=array(shape="
-                             f"{array.shape}, dtype={array.dtype})")
-    return array
 
 
 def _decoded_batches(sources, decode, batch_size, source, strict=False):
