@@ -131,7 +131,7 @@ def images(data, input_shape, *, split, limit, argument):
         dataset = getattr(data, split) or getattr(data, other)
         return _from_dataset(dataset, limit)
     if isinstance(data, (str, os.PathLike)):
-        return _from_folder(os.fspath(data), input_shape, limit, argument)
+        return _from_folder(os.fspath(data), input_shape, split, limit, argument)
     if isinstance(data, tf.data.Dataset):
         return _from_dataset(data, limit)
     if isinstance(data, tuple) and len(data) == 2:
@@ -159,15 +159,17 @@ def _from_dataset(dataset, limit):
     return x, y
 
 
-def _from_folder(path, input_shape, limit, argument):
+def _from_folder(path, input_shape, split, limit, argument):
+    """A folder's images in `tftransfer.data`'s listing, split 80/20 (seeded), so that
+    calibration ("train") and verification ("validation") on one folder are disjoint."""
     from tftransfer.data import from_directory
 
     if not os.path.isdir(path):
         raise ValueError(f"`{argument}` names a folder that does not exist. "
                          f"Received: {argument}={path!r}")
     data = from_directory(path, image_size=input_shape[:2], channels=input_shape[-1],
-                          validation_split=0.0, shuffle=True, seed=0, cache=False)
-    return _from_dataset(data.train, limit)
+                          validation_split=0.2, shuffle=False, seed=0, cache=False)
+    return _from_dataset(getattr(data, split) or data.train, limit)
 
 
 def _fitted(x, input_shape, argument):

@@ -19,6 +19,7 @@ from ai_edge_litert.interpreter import Interpreter
 from tftransfer.export import _tflite_metadata
 
 SIGNATURE = "serving_default"
+_TASKS = {"probabilities": "classification", "scores": "multi_label", "values": "regression"}
 
 
 class LiteRTModel:
@@ -60,6 +61,11 @@ class LiteRTModel:
         return _dequantize(outputs[self._output], self._out)
 
     @property
+    def task(self):
+        """The task, from the output's name (as `to_tflite` names it)."""
+        return _TASKS.get(self._output, "classification")
+
+    @property
     def num_outputs(self):
         shape = self._out["shape"]
         return int(shape[-1]) if len(shape) > 1 else 1
@@ -73,7 +79,7 @@ def _read(path):
 
 def _primary(outputs):
     """The scores output: the one named like the serving export's, else the first."""
-    for name in ("probabilities", "scores", "values"):
+    for name in _TASKS:
         if name in outputs:
             return name
     return outputs[0]
