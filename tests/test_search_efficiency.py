@@ -161,7 +161,7 @@ def test_hyperband_continues_promoted_trials_and_shares_features(tmp_path, monke
                          "fine_tune_epochs": 1},
         "tuner": {"kind": "hyperband", "max_epochs": 2, "factor": 2, "seed": 1},
         "run": {"directory": str(tmp_path / "search"), "isolate_trials": False}})
-    run(cfg, out=lambda line: None, trials_only=True)
+    run(cfg, out=lambda line: None)  # loading the best model for its export fits nothing
     # Bracket 1: two 1-epoch trials, then the better one trained on for epoch 1
     # only (stage 2: no stage 1 again); bracket 0: two 2-epoch trials.
     assert sorted(c[:2] for c in calls) == [(0, [0]), (0, [0]), (0, [0, 1]), (0, [0, 1]),
