@@ -31,7 +31,7 @@ from tftransfer.model import FineTuner
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
-              layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
+              layerwise_lr_decay=None, freeze_batchnorm=None, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -57,7 +57,7 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
         freeze_batchnorm: Keep BatchNormalization in inference mode in
-            stage 2. Defaults to `True`.
+            stage 2. Defaults to None: the recipe's (`build_finetuner`'s).
         class_weight: Optional dict `{class: weight}`.
         batch_size: Batch size for array inputs. Defaults to `32`.
         shuffle: Shuffle array inputs and cached features each epoch.
