@@ -28,6 +28,8 @@ _PUBLIC = {
     "get_schedule": "optim",
     "load_backbone": "backbones",
     "predict": "predict",
+    "to_onnx": "export",
+    "to_tflite": "export",
 }
 
 __all__ = sorted(_PUBLIC)
