@@ -26,6 +26,7 @@ _PUBLIC = {
     "get_optimizer": "optim",
     "get_regularizer": "optim",
     "get_schedule": "optim",
+    "interpret": "interpret",
     "load_backbone": "backbones",
     "predict": "predict",
     "to_onnx": "export",
