@@ -29,6 +29,8 @@ _PUBLIC = {
     "interpret": "interpret",
     "load_backbone": "backbones",
     "predict": "predict",
+    "to_onnx": "export",
+    "to_tflite": "export",
 }
 
 __all__ = sorted(_PUBLIC)
