@@ -143,6 +143,13 @@ class _Predictor:
 
         def call(images):
             outputs = signature(**{_contract.IMAGES_INPUT: images})
+            mismatch = _contract.label_mismatch(outputs, names)
+            if mismatch:
+                raise ValueError(
+                    f"The export's {_contract.LABELS_FILE} disagrees with its graph ({mismatch}): "
+                    "it was edited after export. Export the model again, or restore "
+                    f"{_contract.LABELS_FILE} and {_contract.METADATA_FILE}. Received: "
+                    f"model={str(path)!r}")
             key = next(k for k in _contract.PRIMARY_OUTPUTS if k in outputs)
             return outputs[key]
 
