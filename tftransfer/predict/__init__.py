@@ -29,6 +29,7 @@ from tftransfer import _folders, _images, _pipeline
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner, unit_range_message
+from tftransfer.predict import _tflite
 
 _TASKS = _contract.TASKS
 
@@ -133,14 +134,16 @@ class _Predictor:
             path = os.fspath(model)
             if os.path.isfile(path) and path.lower().endswith(".keras"):
                 return cls._keras(_load_keras_file(path))
+            if os.path.isfile(path) and path.lower().endswith(".tflite"):
+                return cls(*_tflite.predictor_args(path), _range_warning(path, None))
             if os.path.isdir(path):
                 return cls._export(path)
             if not os.path.exists(path):
                 raise ValueError(f"`model` names a path that does not exist. "
                                  f"Received: model={path!r}")
         raise ValueError(
-            "`model` must be a FineTuner (or keras.Model), a .keras file or a serving export "
-            f"directory. Received: model={model!r}"
+            "`model` must be a FineTuner (or keras.Model), a .keras file, a .tflite file or a "
+            f"serving export directory. Received: model={model!r}"
         )
 
     @classmethod
@@ -174,6 +177,13 @@ class _Predictor:
 
         def call(images):
             outputs = signature(**{_contract.IMAGES_INPUT: images})
+            mismatch = _contract.label_mismatch(outputs, names)
+            if mismatch:
+                raise ValueError(
+                    f"The export's {_contract.LABELS_FILE} disagrees with its graph ({mismatch}): "
+                    "it was edited after export. Export the model again, or restore "
+                    f"{_contract.LABELS_FILE} and {_contract.METADATA_FILE}. Received: "
+                    f"model={str(path)!r}")
             key = next(k for k in _contract.PRIMARY_OUTPUTS if k in outputs)
             return outputs[key]
 

@@ -14,6 +14,7 @@ Example:
 """
 
 import copy
+import warnings
 
 import yaml
 
@@ -69,10 +70,25 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
         if ok and hi is not None:
             ok = v < hi if hi_open else v <= hi
         if not ok:
-            raise ConfigError(path, text, v)
+            raise ConfigError(path, text + _string_number_hint(v), v)
         return v if integer else float(v)
 
     return check
+
+
+def _string_number_hint(v):
+    """For `1e-3`, which YAML 1.1 reads as a string: how to write the number."""
+    if not isinstance(v, str):
+        return ""
+    try:
+        number = float(v)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = v.lower().partition("e")
+    spelled = f"{float(mantissa)}e{exponent}" if exponent else repr(number)
+    return (f" (YAML reads {v!r} as a string, not a number: write {spelled} or "
+            f"{number!r})" if exponent else f" (YAML reads {v!r} as a string: write {v} "
+            "without quotes)")
 
 
 def _one_of(names):
@@ -93,7 +109,7 @@ def _string(path, v):
 
 
 
-def _trainable(path, v):
+def _freeze_policy(path, v):
     text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
     if isinstance(v, str):
         kind, _, arg = v.partition(":")
@@ -127,7 +143,7 @@ def _decay(path, v):
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
-    "trainable": (_trainable, "all", "fcri"),
+    "unfreeze": (_freeze_policy, "all", "fcri"),  # what stage 2 trains of the backbone
     "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
     "schedule": (_one_of(SCHEDULES), "constant", "fc"),
@@ -188,9 +204,10 @@ def _image_size(path, v):
 
 
 def _classes(path, v):
-    if not (isinstance(v, list) and v and all(_is_int(c) and 0 <= c <= 9 for c in v)
+    if not (isinstance(v, list) and len(v) >= 2 and all(_is_int(c) and 0 <= c <= 9 for c in v)
             and len(set(v)) == len(v)):
-        raise ConfigError(path, "a non-empty list of distinct digits 0..9", v)
+        raise ConfigError(path, "a list of at least 2 distinct digits 0..9 (a classifier "
+                          "needs 2 classes)", v)
     return list(v)
 
 
@@ -283,7 +300,7 @@ def _range(path, raw, check, forms):
     if "r" not in forms:
         raise ConfigError(path, "no {min, max} range for this knob", raw)
     _keys(path, raw, RANGE_KEYS, ("min", "max"))
-    if path.endswith(".trainable"):
+    if path.endswith(".unfreeze"):
         check = _num(0, 1)  # fraction:F
     lo, hi = check(f"{path}.min", raw["min"]), check(f"{path}.max", raw["max"])
     if not lo < hi:
@@ -321,11 +338,37 @@ def _keys(path, raw, allowed, required):
 def _search_space(raw):
     if not isinstance(raw, dict):
         raise ConfigError("search_space", "a mapping with at least `backbone`", raw)
+    raw = _renamed_unfreeze(raw)
     _no_unknown("search_space", raw, KNOBS)
     if "backbone" not in raw:
         raise ConfigError("search_space.backbone", "a value (this key is required)", None)
-    return {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
-            for name, (_, default, _) in KNOBS.items()}
+    space = {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
+             for name, (_, default, _) in KNOBS.items()}
+    if _largest(space["head_epochs"]) + _largest(space["fine_tune_epochs"]) == 0:
+        raise ConfigError("search_space.fine_tune_epochs", "an integer > 0 when "
+                          "head_epochs is 0 (every trial would train for 0 epochs)",
+                          space["fine_tune_epochs"])
+    return space
+
+
+def _largest(knob):
+    """The largest value a validated integer knob can take."""
+    if isinstance(knob, dict):
+        return max(knob["choice"]) if "choice" in knob else knob["int_max"]
+    return knob
+
+
+def _renamed_unfreeze(raw):
+    """`search_space.trainable`, the former name of `unfreeze`: accepted with a warning."""
+    if "trainable" not in raw:
+        return raw
+    if "unfreeze" in raw:
+        raise ConfigError("search_space.trainable", "no `trainable` next to `unfreeze` (its "
+                          "former name); keep `unfreeze` only", raw["trainable"])
+    warnings.warn("`search_space.trainable` is deprecated: it is now `search_space.unfreeze` "
+                  "(what stage 2 of each trial unfreezes). Rename the key; the value is used "
+                  "as `unfreeze`.", DeprecationWarning, stacklevel=4)
+    return {("unfreeze" if k == "trainable" else k): v for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------- public API
@@ -354,16 +397,47 @@ def validate(raw):
     }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key written twice in one mapping
+    (plain `safe_load` silently keeps the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # an unhashable key: the schema check reports it
+            if key in seen:
+                raise ConfigError(
+                    "--config", f"each key once per mapping; {key!r} is written on line "
+                    f"{seen[key]} and again on line {line}", key)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
-    """Reads a YAML file with `yaml.safe_load`, as a ConfigError on failure."""
+    """Reads a YAML file as `yaml.safe_load` does, as a ConfigError on failure.
+
+    A key written twice in one mapping is an error (naming the key and both
+    lines), and syntax errors keep their line and column.
+    """
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except OSError as e:
         raise ConfigError("--config", "a readable YAML file", str(path)) from e
     except yaml.YAMLError as e:
-        raise ConfigError("--config", f"valid YAML ({str(e).splitlines()[0]})",
-                          str(path)) from e
+        raise ConfigError("--config", f"valid YAML ({_yaml_problem(e)})", str(path)) from e
+
+
+def _yaml_problem(error):
+    """`line L, column C: problem` of a YAML error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_config(path, overrides=None):
