@@ -203,6 +203,22 @@ def _image_size(path, v):
     return list(v)
 
 
+# The names of tftransfer.export.formats.FORMATS (not imported: config checks run before
+# TensorFlow loads; tests/test_tflite.py checks the two lists are equal).
+EXPORT_FORMATS = ("serving", "tflite", "tflite-none", "tflite-dynamic", "tflite-float16",
+                  "tflite-int8", "onnx")
+
+
+def _export_formats(path, v):
+    if isinstance(v, str):
+        v = [v]
+    if not (isinstance(v, list) and v and all(f in EXPORT_FORMATS for f in v)
+            and len(set(v)) == len(v)):
+        raise ConfigError(path, f"a non-empty list of distinct names from {list(EXPORT_FORMATS)}",
+                          v)
+    return list(v)
+
+
 def _classes(path, v):
     if not (isinstance(v, list) and len(v) >= 2 and all(_is_int(c) and 0 <= c <= 9 for c in v)
             and len(set(v)) == len(v)):
@@ -235,6 +251,7 @@ TUNER = {
 RUN = {
     "directory": (_string, "searches/search"),
     "export_dir": (_optional(_string), None),
+    "export_formats": (_export_formats, ["serving"]),
     "strategy": (_one_of(STRATEGIES), "none"),
     "isolate_trials": (_one_of((False, True)), True),
     "worker_max_trials": (_num(1, integer=True), 10),
