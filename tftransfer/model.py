@@ -223,16 +223,12 @@ class FineTuner(MultiWorkerSteps, keras.Model):
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """`keras.Model.compile` with `"auto"` defaults from the recipe and task.
 
-        An explicit optimizer becomes the recipe's: `fine_tune` builds its
-        stages from it.
+        An explicit optimizer is used as given (`fit` trains with it); the
+        recipe does not change, so `fine_tune` and `compile_stage` still
+        build their optimizers from it (set it with `build_finetuner`).
         """
-        if optimizer == "auto":
-            optimizer = self.stage_optimizer()
-        else:
-            optimizer = optim.get_optimizer(optimizer)
-            config = optimizer.get_config()
-            self._recipe.update({"optimizer": keras.optimizers.serialize(optimizer),
-                                 "learning_rate": config["learning_rate"]})
+        optimizer = self.stage_optimizer() if optimizer == "auto" else optim.get_optimizer(
+            optimizer)
         if loss == "auto":
             loss = heads.auto_loss(self._task, self._num_classes,
                                    self._recipe.get("label_smoothing", 0.0))
@@ -299,12 +295,8 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         array = np.asarray(images)
         if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
             self._warned_unit_range = True
-            warnings.warn(
-                f"`{argument}` looks like images scaled to [0, 1] (max {float(np.nanmax(array)):g}), "
-                f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
-                "scales them for the backbone). Multiply the images by 255.",
-                stacklevel=3,
-            )
+            warnings.warn(unit_range_message(argument, float(np.nanmax(array)), self.name,
+                                             self._preprocessing.mode), stacklevel=3)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self.warn_if_unit_range(x)
@@ -344,6 +336,22 @@ class FineTuner(MultiWorkerSteps, keras.Model):
 
 class _HeadModel(MultiWorkerSteps, keras.Model):
     """The functional head model of `FineTuner.head_model` (trains across workers too)."""
+
+
+def unit_range_message(argument, peak, name, mode):
+    """The warning for images that look scaled to [0, 1], worded by preprocessing `mode`."""
+    start = (f"`{argument}` looks like images scaled to [0, 1] (max {peak:g}), but model "
+             f"{name!r} takes raw pixels in [0, 255]")
+    if mode is None:
+        return f"{start}. Multiply the images by 255."
+    if mode == "none":
+        return (f"{start}, and its preprocessing is 'none': the backbone receives the pixels "
+                "unchanged, so here values in [0, 1]. Multiply the images by 255; if the "
+                "backbone was trained on [0, 1] inputs, declare it when building, with "
+                "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
+                "feed 0-255 pixels.")
+    return (f"{start} (its preprocessing layer, mode {mode!r}, scales them for the backbone). "
+            "Multiply the images by 255.")
 
 
 def _check_dtype_policy(policy):
