@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _feature_store, _lock, _memory, distribute, optim, reports
+from tftransfer import _checks, _feature_store, _lock, _memory, distribute, optim, report_html, reports
 from tftransfer.model import FineTuner
 
 _STATE = "fine_tune_state.json"
@@ -138,6 +138,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             if output_dir:
                 reports.write_training_plots(model, history, data.validation, output_dir,
                                              data.class_names)
+                report_html.write_run_report(os.path.join(output_dir, "report.html"), model,
+                                             history, data.validation, data.class_names)
     return history
 
 
