@@ -30,6 +30,8 @@ _PUBLIC = {
     "load_backbone": "backbones",
     "lr_find": "lr_find",
     "predict": "predict",
+    "to_onnx": "export",
+    "to_tflite": "export",
 }
 
 __all__ = sorted(_PUBLIC)

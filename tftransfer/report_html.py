@@ -8,7 +8,7 @@ the browser decoded (what the browser test reads back).
 
 Example:
 
->>> write_run_report("runs/a/report.html", model, history, (x_val, y_val))
+>>> write_run_report("runs/a", model, history, (x_val, y_val))
 >>> write_search_report("searches/s/report.html", rows, "val_accuracy", "max")
 """
 
@@ -153,10 +153,11 @@ def run_report(model, history, validation, class_names=None, top_k=9, title=None
     return page(title or "tftransfer run", sections)
 
 
-def write_run_report(path, model, history, validation, class_names=None, top_k=9):
-    """Writes `run_report` to `path` (atomically). Returns `path`."""
-    title = f"tftransfer run: {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
-    return write(path, run_report(model, history, validation, class_names, top_k, title))
+def write_run_report(output_dir, model, history, validation, class_names=None, top_k=9):
+    """Writes `run_report` to `output_dir/report.html` (atomically). Returns its path."""
+    title = f"tftransfer run: {os.path.basename(os.path.abspath(output_dir))}"
+    return write(os.path.join(output_dir, "report.html"),
+                 run_report(model, history, validation, class_names, top_k, title))
 
 
 # ---------------------------------------------------------------- a search
