@@ -3,9 +3,6 @@
 import csv
 import os
 
-import keras
-import keras_tuner as kt
-import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import SAVED
@@ -14,7 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tftransfer import build_finetuner
-from tftransfer.search import control
+from tftransfer.search import control, run, validate
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -73,96 +70,48 @@ def test_stop_after_counts_trials_since_the_best(scores, stop_after, expected):
     assert (reason is None) if expected is None else expected in reason
 
 
-class _Oracle(kt.oracles.RandomSearchOracle):
-    """KerasTuner's random search with a `stop()` (what the search's oracles have)."""
-
-    stopped = False
-
-    def stop(self):
-        self.stopped = True
-
-    def create_trial(self, tuner_id):
-        if self.stopped:
-            return kt.engine.trial.Trial(self.hyperparameters.copy(),
-                                         status=kt.engine.trial.TrialStatus.STOPPED)
-        return super().create_trial(tuner_id)
+def _tiny(tmp_path, **run):
+    return {
+        "data": {"source": "digits", "per_class": 5, "validation_split": 0.2},
+        "search_space": {"backbone": str(SAVED / "digits_cnn.keras"),
+                         "learning_rate": {"choice": [0.003, 0.01, 0.03]},
+                         "dropout": {"min": 0.0, "max": 0.5},
+                         "batch_size": 16, "head_epochs": 1, "fine_tune_epochs": 0},
+        "tuner": {"kind": "random", "max_trials": 8, "seed": 1,
+                  "objective": {"name": "val_auc", "direction": "max"}},
+        "run": {"directory": str(tmp_path / "search"), "isolate_trials": False, **run},
+    }
 
 
-class _Model(kt.HyperModel):
-    tensorboard_dir = None
-
-    def build(self, hp):
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(
-            hp.Int("units", 1, 8), activation="relu"), keras.layers.Dense(1)])
-        model.compile(optimizer=keras.optimizers.SGD(hp.Float("lr", 1e-3, 1e-1, sampling="log")),
-                      loss="mse")
-        return model
-
-    def fit(self, hp, model, *args, callbacks=None, **kwargs):
-        callbacks = list(callbacks or []) + [keras.callbacks.TensorBoard(self.tensorboard_dir)]
-        return model.fit(*args, callbacks=callbacks, **kwargs)
-
-
-class _Tuner(kt.Tuner):
-    """Calls the hooks the way `tftransfer.search.tuners.SearchTuner` does."""
-
-    def __init__(self, hooks, **kwargs):
-        super().__init__(**kwargs)
-        self.hooks, self.seconds, self.lines = hooks, {}, []
-
-    def out(self, line):
-        self.lines.append(line)
-
-    def on_trial_begin(self, trial):
-        super().on_trial_begin(trial)
-        for hook in self.hooks:
-            hook.on_trial_begin(self, trial)
-
-    def on_trial_end(self, trial):
-        super().on_trial_end(trial)
-        self.seconds[trial.trial_id] = 1.0
-        for hook in self.hooks:
-            hook.on_trial_end(self, trial)
-
-
-def test_max_time_stops_within_one_trial_and_hparams_read_back(tmp_path):
-    directory = str(tmp_path / "search")
-    os.makedirs(directory)
-    control.start_clock(directory, now=1000.0)
-    ended = []  # a clock that advances 100 s per finished trial: no real timing
-    clock = lambda: 1000.0 + 100.0 * len(ended)  # noqa: E731
-    objective = control.parse_objective("val_loss")
-    hook = control.SearchControl(directory, objective, max_time=250, clock=clock)
-    counter = type("Counter", (), {"on_trial_begin": lambda *a: None,
-                                   "on_trial_end": lambda self, t, trial: ended.append(1)})()
-    tuner = _Tuner([counter, hook], oracle=_Oracle(kt.Objective("val_loss", "min"),
-                                                   max_trials=10, seed=1),
-                   hypermodel=_Model(), directory=str(tmp_path), project_name="search")
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 1))
-    tuner.search(x, y, validation_data=(x, y), epochs=2, verbose=0)
-    # elapsed 100, 200 (< 250): go on; 300 after the third trial: stop.
-    assert len(tuner.oracle.trials) == 3
-    assert any("run.max_time reached" in line for line in tuner.lines)
-    with open(os.path.join(directory, control.TRIALS_CSV)) as f:
+def test_max_time_stops_within_one_trial_exports_and_logs_hparams(tmp_path, monkeypatch):
+    calls = iter(range(100))  # a clock that advances 100 s per reading: no real timing
+    monkeypatch.setattr(control, "_now", lambda: 1000.0 + 100.0 * next(calls))
+    lines = []
+    result = run(validate(_tiny(tmp_path, max_time=150)), out=lines.append)
+    # Read at the start (0), then after each trial: 100 (< 150) goes on; 200 stops.
+    directory = tmp_path / "search"
+    assert len(result["rows"]) == 2
+    assert any("run.max_time reached" in line for line in lines)
+    assert result["export"] and os.path.isdir(result["export"])
+    assert result["best"]["score"] == max(r["score"] for r in result["rows"])
+    with open(directory / control.TRIALS_CSV) as f:
         rows = list(csv.DictReader(f))
-    assert [r["trial_id"] for r in rows] == sorted(tuner.oracle.trials)
-    assert set(rows[0]) == {"trial_id", "status", "objective", "seconds", "lr", "units"}
-    sessions = {}
-    for trial_id in tuner.oracle.trials:
+    assert [r["trial_id"] for r in rows] == [r["trial_id"] for r in result["rows"]]
+    assert set(rows[0]) == {"trial_id", "status", "objective", "seconds", "learning_rate",
+                            "dropout"}
+    assert (directory / "report.html").stat().st_size > 1000
+    for row in result["rows"]:
+        logdir = directory / "tensorboard" / row["trial_id"]
         events = event_accumulator.EventAccumulator(
-            os.path.join(directory, "tensorboard", trial_id),
-            size_guidance={event_accumulator.TENSORS: 0})
+            str(logdir), size_guidance={event_accumulator.TENSORS: 0})
         events.Reload()
         content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-        values = {k: v.number_value for k, v in start.hparams.items()}
-        scalar = events.Tensors("val_loss")[0]
-        sessions[trial_id] = (values, float(tf.make_ndarray(scalar.tensor_proto)))
-        trial = tuner.oracle.trials[trial_id]
-        assert values["units"] == trial.hyperparameters.get("units")
-        assert sessions[trial_id][1] == pytest.approx(trial.score, rel=1e-6)
-        assert os.listdir(os.path.join(directory, "tensorboard", trial_id, "train"))
-    top = event_accumulator.EventAccumulator(os.path.join(directory, "tensorboard"))
+        assert start.hparams["learning_rate"].number_value == \
+            pytest.approx(row["values"]["learning_rate"])
+        score = float(tf.make_ndarray(events.Tensors("val_auc")[0].tensor_proto))
+        assert score == pytest.approx(row["score"], rel=1e-6)
+        assert os.listdir(logdir / "train")  # the trial's own training scalars
+    top = event_accumulator.EventAccumulator(str(directory / "tensorboard"))
     top.Reload()
     assert "_hparams_/experiment" in top.PluginTagToContent("hparams")

@@ -89,9 +89,14 @@ def metrics_for(objective, task="classification"):
 # ---------------------------------------------------------------- budgets
 
 
+def _now():
+    """The clock of `run.max_time` (seconds since the epoch; tests replace it)."""
+    return time.time()
+
+
 def start_clock(directory, now=None):
     """Records when this run of the search began (`run.max_time` counts from it)."""
-    now = time.time() if now is None else now
+    now = _now() if now is None else now
     atomic_write_text(os.path.join(directory, CLOCK_FILE), json.dumps({"started": now}))
 
 
@@ -181,15 +186,22 @@ class SearchControl:
         objective: `parse_objective`'s dict.
         max_time: Optional seconds (`run.max_time`).
         stop_after: Optional integer (`run.stop_after`).
-        clock: Callable returning the time (seconds since the epoch).
+        clock: Optional callable returning the time (seconds since the
+            epoch); defaults to this module's clock.
     """
 
     def __init__(self, directory, objective, *, max_time=None, stop_after=None,
-                 clock=time.time):
+                 clock=None):
         self.directory, self.objective = directory, objective
         self.max_time, self.stop_after, self.clock = max_time, stop_after, clock
         self.logdir = os.path.join(directory, TENSORBOARD_DIR)
         self.stopped = None
+
+    @classmethod
+    def of(cls, cfg):
+        """The hook of a validated search config."""
+        return cls(cfg["run"]["directory"], cfg["tuner"]["objective"],
+                   max_time=cfg["run"]["max_time"], stop_after=cfg["run"]["stop_after"])
 
     def on_trial_begin(self, tuner, trial):
         """Sends the trial's training scalars to `tensorboard/<trial_id>`."""
@@ -212,7 +224,7 @@ class SearchControl:
     def check(self, tuner, rows):
         """Stops the oracle (no more trials) when a budget is spent."""
         started = _started(self.directory)
-        elapsed = None if started is None else self.clock() - started
+        elapsed = None if started is None else (self.clock or _now)() - started
         reason = stop_reason(rows, self.objective["direction"], elapsed=elapsed,
                              max_time=self.max_time, stop_after=self.stop_after)
         if reason and not self.stopped:
