@@ -108,10 +108,11 @@ def _top_losses_section(result, k):
     rows = result.top_losses(k)
     picture = _image(png_data(lambda buf: result.plot_top_losses(buf, k=k)),
                      "top losses with Grad-CAM")
-    cells = [(r["index"], r["path"] or "", r["label"], r["predicted"], r["score"], r["loss"])
-             for r in rows]
-    return picture + table(["index", "file", "true", "predicted", "score", "loss"], cells,
-                           "top-losses")
+    files = any(r["path"] for r in rows)  # a folder's rows name their files
+    cells = [(r["index"], *([r["path"]] if files else []), r["label"], r["predicted"],
+              r["score"], r["loss"]) for r in rows]
+    headers = ["index", *(["file"] if files else []), "true", "predicted", "score", "loss"]
+    return picture + table(headers, cells, "top-losses")
 
 
 def run_report(model, history, validation, class_names=None, top_k=9, title=None):
