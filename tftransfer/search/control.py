@@ -149,6 +149,11 @@ def trials_csv(rows):
     return out.getvalue()
 
 
+def write_trials_csv(directory, rows):
+    """Writes `directory/trials.csv` through a temporary file and a rename."""
+    atomic_write_text(os.path.join(directory, TRIALS_CSV), trials_csv(rows))
+
+
 def _hparam_value(value):
     if isinstance(value, (bool, int, float, str)):
         return value
@@ -208,13 +213,19 @@ class SearchControl:
         tuner.hypermodel.tensorboard_dir = os.path.join(self.logdir, trial.trial_id)
 
     def on_trial_end(self, tuner, trial):
-        """Writes trials.csv and the trial's HParams; stops the search when due."""
+        """Writes trials.csv and the trial's HParams; stops the search when due.
+
+        A worker of a `--workers` cluster, whose oracle is the chief's
+        (remote), does none of it: the chief writes trials.csv at the end.
+        """
         from tftransfer.search import report
 
+        if not hasattr(tuner.oracle, "trials"):
+            return
         trials = sorted(tuner.oracle.trials.values(), key=lambda t: report.id_key(t.trial_id))
         rows = [report.trial_row(t, tuner.seconds.get(t.trial_id)) for t in trials
                 if str(t.status) in ("COMPLETED", "FAILED", "INVALID")]
-        atomic_write_text(os.path.join(self.directory, TRIALS_CSV), trials_csv(rows))
+        write_trials_csv(self.directory, rows)
         row = next((r for r in rows if r["trial_id"] == trial.trial_id), None)
         if row is not None:
             names = sorted({k for r in rows for k in r["values"] if not k.startswith("tuner/")})

@@ -400,6 +400,7 @@ def finish(cfg, tuner, hypermodel, data, out):
 
     report_html.write_search_report(os.path.join(directory, "report.html"), rows, objective,
                                     direction, best)
+    control.write_trials_csv(directory, rows)
     out(report.table(rows, objective, direction))
     result = {"directory": directory, "rows": rows, "best": best, "export": None,
               "tuner": tuner}
