@@ -3,7 +3,7 @@
 `RunState` records what the run has finished (stage 1's history and weights,
 then the final model), holds the directory's lock while the run lasts, and
 refuses to resume a run made with other data or settings (`fingerprint`).
-The CSV log's rows are read back (`stage2_rows`) and dropped (`drop_rows`)
+The CSV log's rows are read back (`logged_epochs`) and dropped (`drop_rows`)
 here too, since they are part of what a restart resumes.
 """
 
@@ -18,6 +18,10 @@ STATE_FILE = "fine_tune_state.json"
 STAGE1_WEIGHTS = "stage1.weights.h5"
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
+REPLACEMENT_DIR = ".replacement"
+# What a run owns in its directory, in the order a replacement publishes it.
+PUBLISHED = (MODEL_FILE, STAGE1_WEIGHTS, HISTORY_FILE, "backup", "feature_cache", "logs",
+             STATE_FILE)
 
 
 def fingerprint(data_digest, settings):
@@ -44,6 +48,7 @@ class RunState:
     def __init__(self, directory, overwrite, fingerprint=None):
         self.directory = os.fspath(directory) if directory else None
         self.data, self.fingerprint, self._lock = {}, fingerprint, None
+        self.replaces = None  # the directory of the run this one replaces when it publishes
         if not self.directory:
             return
         os.makedirs(self.directory, exist_ok=True)
@@ -56,11 +61,9 @@ class RunState:
             raise
 
     def _load(self, overwrite):
-        if os.path.exists(self.path(STATE_FILE)):
-            with open(self.path(STATE_FILE)) as f:
-                self.data = json.load(f)
+        self.data = self._read()
         if overwrite and self.data:
-            self._clear()
+            self._stage_replacement()
         elif self.data.get("done"):
             raise FileExistsError(
                 f"`output_dir` {self.directory!r} holds a finished fine_tune run; pass "
@@ -73,8 +76,9 @@ class RunState:
 
     def _mismatch(self):
         old = self.data.get("fingerprint") or {}
-        changed = [k for k, v in self.fingerprint["settings"].items()
-                   if old.get("settings", {}).get(k) != v]
+        before = old.get("settings", {})
+        changed = [f"{k} (was {before.get(k)!r}, now {v!r})"
+                   for k, v in self.fingerprint["settings"].items() if before.get(k) != v]
         if old.get("data") != self.fingerprint["data"]:
             changed.insert(0, "the training data")
         return ValueError(
@@ -91,19 +95,45 @@ class RunState:
         if self._lock is not None:
             self._lock.release()
 
-    def _clear(self):
-        for name in (STATE_FILE, STAGE1_WEIGHTS, MODEL_FILE, HISTORY_FILE, "backup",
-                     "feature_cache", "logs"):
-            path = self.path(name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        self.data = {}
+    def _read(self):
+        if not os.path.exists(self.path(STATE_FILE)):
+            return {}
+        with open(self.path(STATE_FILE)) as f:
+            return json.load(f)
+
+    def _stage_replacement(self):
+        """Runs in `output_dir/.replacement` so that the old run stays whole until
+        this one publishes (`finish`); resumes a replacement cut short with the
+        same fingerprint, else starts it over."""
+        self.replaces = self.directory
+        self.directory = os.path.join(self.directory, REPLACEMENT_DIR)
+        self.data = self._read() if os.path.isdir(self.directory) else {}
+        if self.data.get("done") or self.data.get("fingerprint") != self.fingerprint:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.data = {}
+        os.makedirs(self.directory, exist_ok=True)
+
+    def _publish(self):
+        """Moves a finished replacement run over the run it replaces: the model
+        first, the state file (which says `done`) last."""
+        for name in PUBLISHED:
+            new, old = os.path.join(self.directory, name), os.path.join(self.replaces, name)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            if os.path.exists(new):
+                os.replace(new, old)
+            elif os.path.exists(old):
+                os.remove(old)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory, self.replaces = self.replaces, None
 
     def path(self, *parts):
         """A path inside the run's directory, or None without one."""
         return os.path.join(self.directory, *parts) if self.directory else None
+
+    def logged(self, start, end=None):
+        """The history of epochs `[start, end)`, read from the run's CSV log."""
+        return logged_epochs(self.path(HISTORY_FILE), start, end)
 
     @property
     def stage1_done(self):
@@ -118,9 +148,11 @@ class RunState:
         if self.directory:
             model.save_weights(self.path(STAGE1_WEIGHTS))
             self._write(stage1_history=plain(history))
+            shutil.rmtree(self.path("backup", "stage1"), ignore_errors=True)
 
     def finish(self, model, history):
-        """Saves `model.keras` (the final, restored-best weights), then marks the run done."""
+        """Saves `model.keras` (the final, restored-best weights), marks the run
+        done, and publishes it over the run it replaces (`overwrite=True`)."""
         if not self.directory:
             return
         tmp = self.path(f".{MODEL_FILE}.{os.getpid()}.tmp.keras")
@@ -128,6 +160,9 @@ class RunState:
         os.replace(tmp, self.path(MODEL_FILE))
         self.data.pop("failed", None)
         self._write(done=True, history=plain(history.history), stages=history.stages)
+        shutil.rmtree(self.path("backup"), ignore_errors=True)
+        if self.replaces:
+            self._publish()
 
     def fail(self, stage, start_epoch):
         """Marks the run failed in `stage`: a rerun starts that stage again."""
@@ -144,14 +179,14 @@ class RunState:
         _lock.atomic_write_json(self.path(STATE_FILE), self.data)
 
 
-def stage2_rows(path, start):
-    """Reads the stage-2 epochs (the last row of each epoch) from the CSV log."""
+def logged_epochs(path, start, end=None):
+    """The epochs `[start, end)` of the CSV log (its last row of each epoch)."""
     rows = {}
     if os.path.exists(path):
         with open(path) as f:
             for row in csv.DictReader(f):
                 rows[int(row.pop("epoch"))] = row
-    epochs = sorted(e for e in rows if e >= start)
+    epochs = sorted(e for e in rows if e >= start and (end is None or e < end))
     keys = list(rows[epochs[0]]) if epochs else []
     return {k: [float(rows[e][k]) for e in epochs] for k in keys}
 

@@ -36,6 +36,7 @@ class TrainData:
                    augmented, names, shuffle)
         data.arrays = train if isinstance(train, (tuple, list)) else None
         data.image_data = image_data
+        _check_not_empty(data.validation, image_data)
         return data
 
     def adopt_class_names(self, model):
@@ -91,3 +92,17 @@ def dataset(data, batch_size, shuffle, name):
         f"`{name}` must be a batched tf.data.Dataset, a tuple (x, y) or an ImageData. "
         f"Received: {name} of type {type(data).__name__}"
     )
+
+
+def _check_not_empty(validation, image_data):
+    """Refuses validation data without a single batch (a split too small to
+    leave an image in any class), which no metric can be computed on."""
+    if validation is None or int(validation.cardinality()) != 0:
+        return
+    origin = ("the ImageData's validation split is empty: too few images per class "
+              f"({image_data.counts}) for its `validation_split`. Load the data with a larger "
+              "`validation_split` or more images, pass `validation` yourself, or load it "
+              "with validation_split=0 to train without validation"
+              if image_data is not None else "pass a dataset with at least one batch, or None")
+    raise ValueError(f"`validation` holds no images: {origin}. "
+                     "Received: validation with 0 batches")

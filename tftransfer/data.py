@@ -204,18 +204,51 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
                     listing.bad, check)
 
 
-def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y)
+def _check_arrays(x, y, class_names):
+    """``(x, int32 y, class_names)``: images with a channel axis, labels as indices."""
+    x = _stack_images(x)
     x = x[..., None] if x.ndim == 3 else x
-    if x.ndim != 4 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
-        raise _settings.invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
-    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 \
-            or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise _settings.invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
+    if x.ndim != 4:
+        raise _settings.invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
+    _images.check_pixels(x, "x")
+    y, class_names = _label_indices(np.asarray(y), class_names)
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
+        raise _settings.invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class "
+                                "names) of shape [n]", y)
     if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
         warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
                       "expected (models preprocess themselves).", stacklevel=3)
-    return x, y.astype(np.int32)
+    return x, y.astype(np.int32), class_names
+
+
+def _stack_images(x):
+    """``x`` as one array; a list of images of different sizes is refused by name."""
+    if isinstance(x, (list, tuple)):
+        shapes = sorted({np.shape(image) for image in x})
+        if len(shapes) > 1:
+            raise _settings.invalid("x", "images of one size (resize them first, or load "
+                                    f"them with from_directory); found sizes {shapes[:4]}",
+                                    f"a list of {len(x)} images")
+    return np.asarray(x)
+
+
+def _label_indices(y, class_names):
+    """Integer labels from integers, whole-number floats or class names."""
+    if y.dtype.kind in "USO":  # names: mapped to class_names (default: sorted)
+        names = [str(v) for v in y.ravel()]
+        class_names = sorted(set(names)) if class_names is None else class_names
+        known = {str(c): i for i, c in enumerate(class_names)}
+        unknown = sorted(set(names) - set(known))
+        if unknown or y.ndim != 1:
+            raise _settings.invalid("y", f"labels that are names in class_names={list(class_names)}"
+                                    f" (unknown: {unknown[:5]})", y)
+        return np.asarray([known[n] for n in names]), class_names
+    if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.isfinite(y)) \
+            and np.all(y == np.round(y)):
+        y = y.astype(np.int64)  # whole-number floats, as fine_tune takes them
+    if not np.issubdtype(y.dtype, np.integer):
+        raise _settings.invalid("y", "integer labels, whole-number floats or class names", y)
+    return y, class_names
 
 
 def _names_for(class_names, num_labels: int) -> list[str]:
@@ -234,9 +267,12 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
     """Builds pipelines from in-memory images ``x`` and integer labels ``y``.
 
     Args:
-        x: ``[n, H, W]`` or ``[n, H, W, C]`` uint8 or float raw pixels (0-255);
-            channels are converted to the model's (gray <-> RGB, RGBA -> RGB).
-        y: ``[n]`` integer class indices.
+        x: ``[n, H, W]`` or ``[n, H, W, C]`` raw pixels (0-255): uint8, other
+            integers within 0-255, or floats without NaN; bool and 16-bit
+            values are refused (divide 16-bit images by 257). Channels are
+            converted to the model's (gray <-> RGB, RGBA -> RGB).
+        y: ``[n]`` integer class indices (whole-number floats accepted), or
+            class names, mapped to ``class_names`` (default: sorted names).
         class_names: Optional names; default ``"0"`` .. ``str(max(y))``.
         **others: As in :func:`from_directory`.
 
@@ -245,7 +281,7 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
     """
     spec = _settings.make_spec(**locals())
-    x, y = _check_arrays(x, y)
+    x, y, class_names = _check_arrays(x, y, class_names)
     _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _settings.fingerprint(spec, x, y)

@@ -294,12 +294,8 @@ class FineTuner(keras.Model):
         array = np.asarray(images)
         if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
             self._warned_unit_range = True
-            warnings.warn(
-                f"`{argument}` looks like images scaled to [0, 1] (max {float(np.nanmax(array)):g}), "
-                f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
-                "scales them for the backbone). Multiply the images by 255.",
-                stacklevel=3,
-            )
+            warnings.warn(unit_range_message(argument, float(np.nanmax(array)), self.name,
+                                             self._preprocessing.mode), stacklevel=3)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self.warn_if_unit_range(x)
@@ -335,6 +331,22 @@ class FineTuner(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def unit_range_message(argument, peak, name, mode):
+    """The warning for images that look scaled to [0, 1], worded by preprocessing `mode`."""
+    start = (f"`{argument}` looks like images scaled to [0, 1] (max {peak:g}), but model "
+             f"{name!r} takes raw pixels in [0, 255]")
+    if mode is None:
+        return f"{start}. Multiply the images by 255."
+    if mode == "none":
+        return (f"{start}, and its preprocessing is 'none': the backbone receives the pixels "
+                "unchanged, so here values in [0, 1]. Multiply the images by 255; if the "
+                "backbone was trained on [0, 1] inputs, declare it when building, with "
+                "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
+                "feed 0-255 pixels.")
+    return (f"{start} (its preprocessing layer, mode {mode!r}, scales them for the backbone). "
+            "Multiply the images by 255.")
 
 
 def _check_dtype_policy(policy):

@@ -5,7 +5,7 @@ nothing random happens before the head); stage 2 unfreezes part of the backbone
 and continues, from the stage-1 epoch count, at a lower learning rate,
 optionally with layer-wise (discriminative) rates. Safety nets are on by
 default: EarlyStopping with best weights restored, TerminateOnNaN, and with an
-`output_dir` also BackupAndRestore (a killed run resumes where it was),
+`output_dir` also per-epoch backups (a killed run resumes where it was),
 TensorBoard and CSV logs, `curves.png` and `confusion_matrix.png`.
 
 Example:
@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _feature_cache, _run_state, distribute, optim, report_html, reports
+from tftransfer import _backup, _checks, _feature_cache, _run_state, distribute, optim, report_html, reports
 from tftransfer._nan_guard import NaNGuard
 from tftransfer._train_data import TrainData
 from tftransfer.model import FineTuner
@@ -164,9 +164,17 @@ class _Settings:
             "unfreeze": self.unfreeze, "fine_tune_learning_rate": self.fine_tune_learning_rate,
             "lr_factor": self.lr_factor, "layerwise_lr_decay": self.layerwise_lr_decay,
             "batch_size": self.batch_size, "class_weight": self.class_weight,
-            "source": model.source, "num_classes": model.num_classes, "task": model.task,
-            "keep_best_stage": self.keep_best_stage,
+            "keep_best_stage": self.keep_best_stage, **_model_key(model),
         }
+
+
+def _model_key(model):
+    """The model's own settings (source, task, head, recipe), as `model.*` and
+    `recipe.*` keys: a run resumed with a model built otherwise would mix two runs."""
+    config = model.get_config()
+    own = {f"model.{k}": v for k, v in config.items()
+           if k not in ("name", "trainable", "backbone", "class_names", "recipe")}
+    return {**own, **{f"recipe.{k}": v for k, v in (config.get("recipe") or {}).items()}}
 
 
 def _run(model, data, state, settings):
@@ -177,12 +185,14 @@ def _run(model, data, state, settings):
         first = state.stage1_history
     else:
         first = _stage1(model, data, base_lr, state, settings)
+        if state.directory:  # with the epochs a killed run finished before this call
+            first = state.logged(settings.initial_epoch, settings.head_epochs)
         state.finish_stage1(model, first)
     stage1_weights = [np.array(w) for w in model.weights]
     start = settings.initial_epoch + len(next(iter(first.values()), []))
     second = _stage2(model, data, base_lr, start, state, settings)
     if state.directory:  # The log holds epochs run before an interruption too.
-        second = _run_state.stage2_rows(state.path(_run_state.HISTORY_FILE), start)
+        second = state.logged(start)
     history = _merge(model, first, second, settings.initial_epoch)
     history.restored_stage1 = settings.keep_best_stage and _keep_better_stage(
         model, first, second, stage1_weights, data.validation is not None)
@@ -271,13 +281,18 @@ def _strategy_scope(model):
 
 
 def _fit(model, train, validation, class_weight, epochs, state, stage, settings):
-    """`model.fit` over epochs `[start, end)` of `stage`, guarded against NaN losses."""
+    """`model.fit` over epochs `[start, end)` of `stage`, guarded against NaN losses,
+    from the stage's last good backup when a killed run left one."""
     guard = NaNGuard()
     callbacks = [guard] + _callbacks(state, stage, validation is not None, settings)
     if not model.optimizer.built:  # Built while tracing, it would make Keras trace twice.
         model.optimizer.build(model.trainable_variables)
+    start = epochs[0]
+    if state.directory:
+        start = _backup.restore(model, state.path("backup", stage), start)
+        _run_state.drop_rows(state.path(_run_state.HISTORY_FILE), start)  # run again
     history = model.fit(train, validation_data=validation, epochs=epochs[1], shuffle=False,
-                        initial_epoch=epochs[0], class_weight=class_weight,
+                        initial_epoch=start, class_weight=class_weight,
                         callbacks=callbacks, verbose=settings.verbose)
     if guard.tripped:
         state.fail(stage, epochs[0])
@@ -293,7 +308,7 @@ def _callbacks(state, stage, has_validation, settings):
             monitor=monitor, patience=settings.early_stopping, restore_best_weights=True))
     if state.directory:
         result += [
-            keras.callbacks.BackupAndRestore(state.path("backup", stage)),
+            _backup.EpochBackup(state.path("backup", stage)),
             keras.callbacks.CSVLogger(state.path(_run_state.HISTORY_FILE), append=True),
             keras.callbacks.TensorBoard(state.path("logs"), write_graph=False),
         ]

@@ -1,7 +1,8 @@
 """Command line: `python -m tftransfer.search --config FILE [overrides]`.
 
 Exit codes: 0 success, 1 no trial completed (or trial workers kept dying),
-2 bad arguments, config or search directory (nothing is written then).
+2 bad arguments, config or search directory (nothing is written then),
+130 interrupted with Ctrl-C (the same command resumes).
 """
 
 import argparse
@@ -110,7 +111,7 @@ def main(argv=None):
 
     Returns:
         0 on success, 1 when no trial completed, 2 on bad arguments, config,
-        data or search directory.
+        data or search directory, 130 on Ctrl-C (one line, no traceback).
     """
     try:
         args = parser().parse_args(argv)
@@ -118,6 +119,16 @@ def main(argv=None):
         return 0 if e.code == 0 else 2
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return _main(args, argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept in the search directory; run the "
+              "same command again to resume the search.", file=sys.stderr)
+        return 130
+
+
+def _main(args, argv):
+    """`main` after parsing: the search, its config and directory errors as exit codes."""
     from tftransfer._lock import LockedError
     from tftransfer.search import runner  # imports no TensorFlow
 

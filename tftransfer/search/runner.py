@@ -39,7 +39,8 @@ WORKERS_DIR = "workers"  # the other workers' searches, under multi_worker
 # Keys that may change between runs of one search: raising max_trials extends it.
 _RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
               ("run", "isolate_trials"), ("run", "worker_max_trials"),
-              ("run", "worker_max_rss_growth_mb"), ("run", "max_time"), ("run", "stop_after"))
+              ("run", "worker_max_rss_growth_mb"), ("run", "export_formats"),
+              ("run", "max_time"), ("run", "stop_after"))
 CLUSTER_ROLE = "KERASTUNER_TUNER_ID"  # set by `--workers` in the chief and workers it launches
 
 
@@ -412,7 +413,8 @@ def finish(cfg, tuner, hypermodel, data, out):
     export_dir = cfg["run"]["export_dir"] or os.path.join(directory, "export")
     if distribute.in_multi_worker_mode(hypermodel.strategy):
         hypermodel.strategy = None  # only the chief exports: no collectives there
-    result["export"] = export_best(tuner, trial, data, export_dir, directory, out)
+    result["export"] = export_best(tuner, trial, data, export_dir, directory, out,
+                                   formats=cfg["run"].get("export_formats", ["serving"]))
     return result
 
 
@@ -424,9 +426,10 @@ def write_best(path, hypermodel, trial, objective):
                                             "fine_tune": fit}, sort_keys=False))
 
 
-def export_best(tuner, trial, data, export_dir, directory, out):
-    """Exports the best trial's model for TF Serving (once per best trial)."""
-    from tftransfer.export import export_for_serving
+def export_best(tuner, trial, data, export_dir, directory, out, formats=("serving",)):
+    """Exports the best trial's model in `formats` (once per best trial): TF Serving,
+    and the verified .tflite / .onnx forms of `tftransfer.export.formats`."""
+    from tftransfer.export.formats import export_formats
 
     state_path = os.path.join(directory, EXPORT_STATE)
     if os.path.exists(state_path):
@@ -439,8 +442,10 @@ def export_best(tuner, trial, data, export_dir, directory, out):
             return state["path"]
     with _checkpoint_warnings_ignored():
         model = tuner.load_model(trial)
-    path = export_for_serving(model, export_dir, class_names=data.class_names,
-                              metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
+    paths = export_formats(model, export_dir, formats, representative_data=data,
+                           validation_data=data, class_names=data.class_names, overwrite=True,
+                           metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
+    path = paths.get("serving") or next(iter(paths.values()))
     atomic_write_json(state_path, {"trial_id": trial.trial_id, "path": path})
     out(f"Best trial {trial.trial_id} ({trial.score:.4f}) exported to {path}")
     return path
