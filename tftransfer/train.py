@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _backup, _checks, _feature_cache, _run_state, distribute, optim, reports
+from tftransfer import _backup, _checks, _feature_cache, _run_state, distribute, optim, report_html, reports
 from tftransfer._nan_guard import NaNGuard
 from tftransfer._train_data import TrainData
 from tftransfer.model import FineTuner
@@ -130,6 +130,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             history = _run(model, data, state, settings)
             if output_dir:
                 reports.write_training_plots(model, history, data.validation, output_dir,
+                                             data.class_names)
+                report_html.write_run_report(output_dir, model, history, data.validation,
                                              data.class_names)
     return history
 

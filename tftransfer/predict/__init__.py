@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer import _folders, _images, _pipeline
+from tftransfer import tta as tta_views
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner, unit_range_message
@@ -34,7 +35,7 @@ from tftransfer.predict import _tflite
 _TASKS = _contract.TASKS
 
 
-def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
+def predict(model, images, *, top_k=1, batch_size=32, verbose="auto", tta=False):
     """Predicts labels and scores for images.
 
     Args:
@@ -53,6 +54,9 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
             Defaults to `1`.
         batch_size: Integer >= 1. Defaults to `32`.
         verbose: `"auto"` (a progress bar for more than one batch), 0 or 1.
+        tta: Test-time augmentation (`tftransfer.tta`): True averages the
+            scores of each image, its horizontal flip and four corner crops;
+            a list such as `["crops"]` picks views. Defaults to `False`.
 
     Returns:
         A `Predictions` list with one dict per readable image, in order,
@@ -70,6 +74,7 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
     """
     top_k = _check_positive_int("top_k", top_k)
     batch_size = _check_positive_int("batch_size", batch_size)
+    views = tta_views.resolve(tta)
     predictor = _Predictor.of(model)
     source = _inputs(images, predictor, batch_size)
     count = len(source.names)
@@ -77,7 +82,7 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
                                                                      batch_size) else None
     results = Predictions()
     for batch, rows in source.batches:
-        scores = predictor(batch)
+        scores = tta_views.averaged(predictor, batch, views) if views else predictor(batch)
         for row, index in zip(scores, rows):
             results.append(_result(row, predictor, top_k))
             if source.paths is not None:

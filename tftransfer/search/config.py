@@ -23,7 +23,6 @@ import yaml
 OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
               "lion", "nadam", "rmsprop", "sgd")
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 REGULARIZERS = ("none", "l1", "l2", "l1_l2")
@@ -162,6 +161,16 @@ KNOBS = {
 # ------------------------------------------------------------------ sections
 
 
+def _objective(path, v):
+    """A metric name or {name, direction} -> {"name", "direction"} (`search.control`)."""
+    from tftransfer.search import control
+
+    try:
+        return control.parse_objective(v)
+    except ValueError as e:
+        raise ConfigError(path, str(e), v) from None
+
+
 def _no_unknown(path, raw, allowed):
     for key in raw:
         if key not in allowed:
@@ -240,7 +249,7 @@ DATA = {
 TUNER = {
     "kind": (_one_of(TUNERS), "random"),
     "max_trials": (_num(1, integer=True), 10),
-    "objective": (_one_of(OBJECTIVES), "val_accuracy"),
+    "objective": (_objective, "val_accuracy"),
     "executions_per_trial": (_num(1, integer=True), 1),
     "seed": (_num(integer=True), 0),
     "max_consecutive_failed_trials": (_num(1, integer=True), 3),
@@ -258,6 +267,8 @@ RUN = {
     "worker_max_rss_growth_mb": (_optional(_num(0, lo_open=True)), 1024.0),
     "dtype_policy": (_one_of(DTYPE_POLICIES), "float32"),
     "jit_compile": (_jit_compile, "auto"),
+    "max_time": (_optional(_num(0, lo_open=True)), None),
+    "stop_after": (_optional(_num(1, integer=True)), None),
 }
 
 
