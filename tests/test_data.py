@@ -43,11 +43,15 @@ def _write_folder(root, n_per_class=(12, 12, 12), formats=("png",)):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """36 good images (PNG/JPEG/BMP/GIF, mixed case) + 3 broken + 1 ignored."""
+    """36 good images (PNG/JPEG/BMP/GIF, mixed case) + 4 broken + 1 ignored."""
     root = tmp_path_factory.mktemp("digits")
     _write_folder(root, formats=("png", "jpg", "bmp", "gif", "PNG"))
     good = (root / "zero" / "img_000.png").read_bytes()
     (root / "zero" / "truncated.png").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)  # whole (IEND at its end), but its pixels' checksum wrong
+    crc = corrupt.index(b"IEND") - 8
+    corrupt[crc:crc + 4] = bytes(255 - b for b in corrupt[crc:crc + 4])
+    (root / "zero" / "corrupt.png").write_bytes(bytes(corrupt))
     (root / "one" / "x.png").write_text("this is not an image")
     (root / "two" / "notes.jpeg").write_bytes(b"\x00\x01garbage")
     (root / "two" / "readme.txt").write_text("ignored: not an image extension")
@@ -70,22 +74,24 @@ def _load(folder, **kw):
 
 def test_directory_skips_broken_files_and_reports_once(folder):
     data, warned = _load(folder, batch_size=8)
-    # The listing reads only first bytes: text and garbage are left out at once...
-    assert sorted(os.path.basename(p) for p in data.skipped) == ["notes.jpeg", "x.png"]
-    assert len(warned) == 1 and "Skipped 2 file(s)" in str(warned[0].message)
+    # The listing reads only first and last bytes: text, garbage and a truncated
+    # file are left out at once...
+    assert sorted(os.path.basename(p) for p in data.skipped) == [
+        "notes.jpeg", "truncated.png", "x.png"]
+    assert len(warned) == 1 and "Skipped 3 file(s)" in str(warned[0].message)
     assert "Left out 1 file(s) without an image extension (.txt: 1)" in str(warned[0].message)
     assert data.class_names == SORTED and data.num_classes == 3
-    # ... the truncated PNG when the first epoch reads it, without stopping it.
+    # ... a damaged PNG when the first epoch reads it, without stopping it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x_train, y_train = _epoch(data.train)
         x_val, y_val = _epoch(data.validation)
     read = [w for w in caught if "could not be decoded" in str(w.message)]
     assert len(read) == 1 and "Skipped 1 file(s)" in str(read[0].message)
-    assert "truncated.png" in str(read[0].message)
+    assert "corrupt.png" in str(read[0].message)
     assert sorted(os.path.basename(p) for p in data.skipped) == [
-        "notes.jpeg", "truncated.png", "x.png"]
-    # Every readable file, and the split keeps its length: the truncated file's
+        "corrupt.png", "notes.jpeg", "truncated.png", "x.png"]
+    # Every readable file, and the split keeps its length: the damaged file's
     # place is taken by a second copy of a readable image of its split.
     assert len(y_train) + len(y_val) == 37
     assert len({a.tobytes() for a in np.concatenate([x_train, x_val])}) == 36
@@ -122,7 +128,7 @@ def test_split_is_deterministic_disjoint_and_seeded(folder):
     (tr1, va1), (tr2, va2), (_, va3) = split(1), split(1), split(2)
     np.testing.assert_array_equal(va1, va2)
     np.testing.assert_array_equal(tr1, tr2)
-    # round(12 * 0.25) = 3 per class; 28 = 27 + a repeat in place of truncated.png
+    # round(12 * 0.25) = 3 per class; 28 = 27 + a repeat in place of corrupt.png
     assert len(va1) == 9 and len(tr1) == 28
     train_set = {a.tobytes() for a in tr1}
     assert not train_set & {a.tobytes() for a in va1}
@@ -196,7 +202,7 @@ def test_keras_fit_consumes_pipeline(folder):
 
 def test_fit_reports_unreadable_files_by_the_end_of_its_first_epoch(folder):
     """Keras takes the known number of steps and never asks past the last batch:
-    the truncated file is still named when `fit`'s first epoch ends."""
+    the damaged file is still named when `fit`'s first epoch ends."""
     for cache in ("memory", False):
         data, _ = _load(folder, batch_size=8, cache=cache)
         model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
@@ -205,8 +211,8 @@ def test_fit_reports_unreadable_files_by_the_end_of_its_first_epoch(folder):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.fit(data.train, validation_data=data.validation, epochs=1, verbose=0)
-        assert "truncated.png" in {os.path.basename(p) for p in data.skipped}, cache
-        assert [w for w in caught if "truncated.png" in str(w.message)], cache
+        assert "corrupt.png" in {os.path.basename(p) for p in data.skipped}, cache
+        assert [w for w in caught if "corrupt.png" in str(w.message)], cache
         assert not [w for w in caught if "ran out of data" in str(w.message)]
 
 

@@ -487,3 +487,34 @@ def test_finetuner_with_savedmodel_backbone_exports_and_reloads(tmp_path, source
     assert [row[0].decode() for row in out["labels"].numpy()] == top
     meta = json.loads((pathlib.Path(path) / "assets.extra" / "tftransfer.json").read_text())
     assert meta["backbone"] == str(SAVED / source)
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777
+            for p in [root, *root.rglob("*")]}
+
+
+def test_published_version_is_readable_by_other_users(exported):
+    modes = _modes(exported)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, mode in modes.items():
+        directory = (exported / name).is_dir() if name != "." else True
+        want = (0o755 if directory else 0o644) & ~umask
+        assert mode == want, (name, oct(mode), oct(want))
+    assert modes["."] & 0o005 == 0o005 or umask & 0o005  # others may list and enter it
+
+
+def test_labels_edited_with_metadata_are_caught_by_verify_and_predict(exported, tmp_path,
+                                                                       capsys):
+    copy = tmp_path / "5"
+    shutil.copytree(exported, copy)
+    rotated = NAMES[1:] + NAMES[:1]  # every class renamed, the two files still agree
+    (copy / "assets/labels.txt").write_text("\n".join(rotated) + "\n")
+    meta_path = copy / "assets.extra/tftransfer.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "class_names": rotated}))
+    assert cli.main(["verify", str(copy)]) == 1
+    assert "labels.txt disagrees with the graph: class" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagrees with its graph"):
+        tftransfer.predict(str(copy), _images(2))

@@ -219,11 +219,15 @@ def test_predict_cli_prints_a_table_and_writes_csv(trained, image_files, tmp_pat
     assert len(out.read_text().strip().splitlines()) == 13  # untouched
 
 
-def test_predict_names_a_file_it_cannot_decode(trained, image_files, tmp_path):
-    bad = tmp_path / "bad.png"
+def test_predict_skips_and_names_a_file_it_cannot_decode(trained, image_files, tmp_path):
+    bad, good = tmp_path / "bad.png", str(image_files / "0.png")
     bad.write_bytes(b"not an image at all, only text")
-    with pytest.raises(ValueError, match=r"Cannot decode the image '.*bad\.png'"):
-        predict(trained, [str(image_files / "0.png"), str(bad)])
+    with pytest.warns(UserWarning, match=r"Skipped 1 file\(s\).*bad\.png"):
+        results = predict(trained, [good, str(bad)])
+    assert [r["path"] for r in results] == [good] and results.skipped == [str(bad)]
+    junk = [open(good, "rb").read(), b"\xff\xd8\xff not a JPEG after all, only text"]
+    with pytest.raises(ValueError, match=r"Cannot decode the image images\[1\]"):
+        predict(trained, junk)  # bytes have no name to skip under
     with pytest.raises(ValueError, match=r"`top_k` must be an integer >= 1. Received: top_k=0"):
         predict(trained, str(image_files), top_k=0)
 

@@ -194,7 +194,7 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
         validation_split=validation_split, cache_budget=cache_budget)
     listing = _list_images(path)
     key = spec.cache not in CACHE_MODES and _settings.fingerprint(
-        spec, listing.paths, [os.stat(p)[8:] for p in listing.paths])  # sizes and times
+        spec, listing.paths, [_size_and_time(p) for p in listing.paths])
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
@@ -208,18 +208,51 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
                     listing.bad, check)
 
 
-def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y)
+def _check_arrays(x, y, class_names):
+    """``(x, int32 y, class_names)``: images with a channel axis, labels as indices."""
+    x = _stack_images(x)
     x = x[..., None] if x.ndim == 3 else x
-    if x.ndim != 4 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
-        raise invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
-    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 \
-            or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
+    if x.ndim != 4:
+        raise invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
+    _images.check_pixels(x, "x")
+    y, class_names = _label_indices(np.asarray(y), class_names)
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
+        raise invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class names) of "
+                      "shape [n]", y)
     if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
         warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
                       "expected (models preprocess themselves).", stacklevel=3)
-    return x, y.astype(np.int32)
+    return x, y.astype(np.int32), class_names
+
+
+def _stack_images(x):
+    """``x`` as one array; a list of images of different sizes is refused by name."""
+    if isinstance(x, (list, tuple)):
+        shapes = sorted({np.shape(image) for image in x})
+        if len(shapes) > 1:
+            raise invalid("x", "images of one size (resize them first, or load "
+                          f"them with from_directory); found sizes {shapes[:4]}",
+                          f"a list of {len(x)} images")
+    return np.asarray(x)
+
+
+def _label_indices(y, class_names):
+    """Integer labels from integers, whole-number floats or class names."""
+    if y.dtype.kind in "USO":  # names: mapped to class_names (default: sorted)
+        names = [str(v) for v in y.ravel()]
+        class_names = sorted(set(names)) if class_names is None else class_names
+        known = {str(c): i for i, c in enumerate(class_names)}
+        unknown = sorted(set(names) - set(known))
+        if unknown or y.ndim != 1:
+            raise invalid("y", f"labels that are names in class_names={list(class_names)}"
+                          f" (unknown: {unknown[:5]})", y)
+        return np.asarray([known[n] for n in names]), class_names
+    if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.isfinite(y)) \
+            and np.all(y == np.round(y)):
+        y = y.astype(np.int64)  # whole-number floats, as fine_tune takes them
+    if not np.issubdtype(y.dtype, np.integer):
+        raise invalid("y", "integer labels, whole-number floats or class names", y)
+    return y, class_names
 
 
 def _names_for(class_names, num_labels: int) -> list[str]:
@@ -238,9 +271,12 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
     """Builds pipelines from in-memory images ``x`` and integer labels ``y``.
 
     Args:
-        x: ``[n, H, W]`` or ``[n, H, W, C]`` uint8 or float raw pixels (0-255);
-            channels are converted to the model's (gray <-> RGB, RGBA -> RGB).
-        y: ``[n]`` integer class indices.
+        x: ``[n, H, W]`` or ``[n, H, W, C]`` raw pixels (0-255): uint8, other
+            integers within 0-255, or floats without NaN; bool and 16-bit
+            values are refused (divide 16-bit images by 257). Channels are
+            converted to the model's (gray <-> RGB, RGBA -> RGB).
+        y: ``[n]`` integer class indices (whole-number floats accepted), or
+            class names, mapped to ``class_names`` (default: sorted names).
         class_names: Optional names; default ``"0"`` .. ``str(max(y))``.
         **others: As in :func:`from_directory`.
 
@@ -252,7 +288,7 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
         shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
         validation_split=validation_split, cache_budget=cache_budget)
-    x, y = _check_arrays(x, y)
+    x, y, class_names = _check_arrays(x, y, class_names)
     _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _settings.fingerprint(spec, x, y)
@@ -401,3 +437,9 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
                   read(split=splits[1]) if splits[1] else None)
     return _stream(spec, train, val, names, counts, class_weight,
                    (name, str(builder.data_dir), splits), _num_images(train, val))
+
+
+def _size_and_time(path):
+    """What changes when a file is rewritten: its size and modification time."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

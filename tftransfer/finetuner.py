@@ -4,7 +4,7 @@ import keras
 
 from tftransfer import _checks, heads, optim, tasks
 from tftransfer.backbones import load_backbone
-from tftransfer.distribute import prepare_model, scope
+from tftransfer.distribute import scope
 from tftransfer.model import FineTuner
 
 
@@ -12,7 +12,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
                     dropout=0.0, hidden_units=(), regularizer=None, optimizer="adam",
                     learning_rate=1e-3, task="classification", strategy=None,
                     weights="imagenet", output_layer=None, signature=None, output_key=None,
-                    safe_mode=True, preprocessing=None, freeze_batchnorm=True,
+                    safe_mode=True, custom_objects=None, preprocessing=None, freeze_batchnorm=True,
                     regularize_backbone=False, label_smoothing=0.0, weight_decay=None,
                     optimizer_options=None, loss="auto", metrics="auto", pooling="avg",
                     class_names=None, dtype_policy=None, jit_compile="auto",
@@ -60,8 +60,14 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         output_key: Output name for SavedModels that return dicts.
         safe_mode: Refuse `.keras` files holding arbitrary code. Defaults to
             `True`.
+        custom_objects: Optional dict `{name: class or function}` of custom
+            layers a `.keras` / `.h5` backbone refers to (Keras's loader
+            argument).
         preprocessing: Override the backbone's preprocessing mode (`"none"`,
-            `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`).
+            `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`), or any other
+            normalization as `{"mean": [...], "std": [...],
+            "channel_order": "rgb" or "bgr"}` in 0-255 units; saved with the
+            model.
         freeze_batchnorm: Keep BatchNormalization layers in inference mode
             even where the backbone trains. Defaults to `True`.
         regularize_backbone: Also regularize the backbone's kernels.
@@ -102,7 +108,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,
-                             output_key=output_key, safe_mode=safe_mode)
+                             output_key=output_key, safe_mode=safe_mode,
+                             custom_objects=custom_objects)
         reg = optim.get_regularizer(regularizer)
         recipe = _recipe(optimizer, learning_rate, weight_decay, optimizer_options,
                          label_smoothing, trainable, freeze_batchnorm, jit_compile)
@@ -117,7 +124,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
         instance = optimizer if isinstance(optimizer, keras.optimizers.Optimizer) else "auto"
         model.compile(optimizer=instance, loss=loss, metrics=metrics)  # an instance is used as is
-    return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
+    return model
 
 
 def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tftransfer import freezing, heads, optim, tasks
 from tftransfer._names import DTYPE_POLICIES
+from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
@@ -38,7 +39,7 @@ INPUT_RANGE = (0.0, 255.0)
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
-class FineTuner(keras.Model):
+class FineTuner(MultiWorkerSteps, keras.Model):
     """A transfer-learning model: preprocessing, pretrained backbone, new head.
 
     Most users get one from `build_finetuner`; the constructor takes the
@@ -265,7 +266,7 @@ class FineTuner(keras.Model):
         Used to train stage 1 on cached features.
         """
         inputs = keras.Input(self._backbone.output_shape[1:], name="features")
-        model = keras.Model(inputs, self._head(inputs), name="head_model")
+        model = _HeadModel(inputs, self._head(inputs), name="head_model")
         self._compile_like(model, self.stage_optimizer(learning_rate))
         return model
 
@@ -299,12 +300,8 @@ class FineTuner(keras.Model):
         high = _pixel_max(images)
         if high is not None and high <= 1.0:
             self._warned_unit_range = True
-            warnings.warn(
-                f"`{argument}` looks like images scaled to [0, 1] (max {float(high):g}), "
-                f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
-                "scales them for the backbone). Multiply the images by 255.",
-                stacklevel=3,
-            )
+            warnings.warn(unit_range_message(argument, float(high), self.name,
+                                             self._preprocessing.mode), stacklevel=3)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self.warn_if_unit_range(x)
@@ -340,6 +337,26 @@ class FineTuner(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+class _HeadModel(MultiWorkerSteps, keras.Model):
+    """The functional head model of `FineTuner.head_model` (trains across workers too)."""
+
+
+def unit_range_message(argument, peak, name, mode):
+    """The warning for images that look scaled to [0, 1], worded by preprocessing `mode`."""
+    start = (f"`{argument}` looks like images scaled to [0, 1] (max {peak:g}), but model "
+             f"{name!r} takes raw pixels in [0, 255]")
+    if mode is None:
+        return f"{start}. Multiply the images by 255."
+    if mode == "none":
+        return (f"{start}, and its preprocessing is 'none': the backbone receives the pixels "
+                "unchanged, so here values in [0, 1]. Multiply the images by 255; if the "
+                "backbone was trained on [0, 1] inputs, declare it when building, with "
+                "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
+                "feed 0-255 pixels.")
+    return (f"{start} (its preprocessing layer, mode {mode!r}, scales them for the backbone). "
+            "Multiply the images by 255.")
 
 
 def _check_dtype_policy(policy):

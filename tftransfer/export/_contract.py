@@ -45,3 +45,28 @@ def sample_images(shape, batch=1, seed=0):
 def encode_png(image):
     """PNG bytes of a float 0-255 image [H, W, C]."""
     return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
+
+
+def label_mismatch(outputs, names):
+    """How the graph's own `labels` output disagrees with `names`, or None.
+
+    Args:
+        outputs: The outputs of a classification `serving_default` call
+            (`classes` and `labels`, as the writer makes them).
+        names: The class names read beside the graph (`labels.txt`).
+
+    Returns:
+        A string naming the first class whose names differ, or None when
+        they agree (or the outputs have no `labels`).
+    """
+    if "labels" not in outputs or "classes" not in outputs:
+        return None
+    classes = np.asarray(outputs["classes"]).ravel()
+    graph = [x.decode() if isinstance(x, bytes) else str(x)
+             for x in np.asarray(outputs["labels"]).ravel()]
+    for index, label in zip(classes, graph):
+        listed = names[index] if 0 <= index < len(names) else None
+        if listed != label:
+            return (f"class {int(index)} is {label!r} in the graph's `labels` output but "
+                    f"{listed!r} in {LABELS_FILE}")
+    return None

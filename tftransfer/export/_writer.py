@@ -118,6 +118,7 @@ def export_for_serving(model, base_dir, *, version=None, class_names=None,
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
     try:
         _write_version(tmp, model, spec, version, metadata, warmup, formats)
+        _open_to_readers(tmp)
         _publish(tmp, final, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,6 +265,18 @@ def _decode_images(image_bytes, spec):
     out = tf.TensorSpec(spec.input_shape, tf.float32)
     return tf.map_fn(lambda data: _images.decode(data, channels, (height, width)), image_bytes,
                      fn_output_signature=out)
+
+
+def _open_to_readers(root):
+    """Gives `root` and everything in it the modes a model server under another
+    user needs: directories `0755`, files `0644`, less the bits the umask
+    withholds (`mkdtemp` made `root` `0700`)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o755 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644 & ~umask)
 
 
 def _publish(tmp, final, overwrite):

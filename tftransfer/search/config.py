@@ -14,6 +14,7 @@ Example:
 """
 
 import copy
+import warnings
 
 import yaml
 
@@ -24,7 +25,6 @@ from tftransfer import _names
 OPTIMIZERS = tuple(_names.OPTIMIZERS)
 DTYPE_POLICIES = _names.DTYPE_POLICIES
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 REGULARIZERS = ("none", "l1", "l2", "l1_l2")
@@ -70,10 +70,25 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
         if ok and hi is not None:
             ok = v < hi if hi_open else v <= hi
         if not ok:
-            raise ConfigError(path, text, v)
+            raise ConfigError(path, text + _string_number_hint(v), v)
         return v if integer else float(v)
 
     return check
+
+
+def _string_number_hint(v):
+    """For `1e-3`, which YAML 1.1 reads as a string: how to write the number."""
+    if not isinstance(v, str):
+        return ""
+    try:
+        number = float(v)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = v.lower().partition("e")
+    spelled = f"{float(mantissa)}e{exponent}" if exponent else repr(number)
+    return (f" (YAML reads {v!r} as a string, not a number: write {spelled} or "
+            f"{number!r})" if exponent else f" (YAML reads {v!r} as a string: write {v} "
+            "without quotes)")
 
 
 def _one_of(names):
@@ -94,7 +109,7 @@ def _string(path, v):
 
 
 
-def _trainable(path, v):
+def _freeze_policy(path, v):
     text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
     if isinstance(v, str):
         kind, _, arg = v.partition(":")
@@ -128,7 +143,7 @@ def _decay(path, v):
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
-    "trainable": (_trainable, "all", "fcri"),
+    "unfreeze": (_freeze_policy, "all", "fcri"),  # what stage 2 trains of the backbone
     "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
     "schedule": (_one_of(SCHEDULES), "constant", "fc"),
@@ -145,6 +160,16 @@ KNOBS = {
 }
 
 # ------------------------------------------------------------------ sections
+
+
+def _objective(path, v):
+    """A metric name or {name, direction} -> {"name", "direction"} (`search.control`)."""
+    from tftransfer.search import control
+
+    try:
+        return control.parse_objective(v)
+    except ValueError as e:
+        raise ConfigError(path, str(e), v) from None
 
 
 def _no_unknown(path, raw, allowed):
@@ -188,10 +213,27 @@ def _image_size(path, v):
     return list(v)
 
 
-def _classes(path, v):
-    if not (isinstance(v, list) and v and all(_is_int(c) and 0 <= c <= 9 for c in v)
+# The names of tftransfer.export.formats.FORMATS (not imported: config checks run before
+# TensorFlow loads; tests/test_tflite.py checks the two lists are equal).
+EXPORT_FORMATS = ("serving", "tflite", "tflite-none", "tflite-dynamic", "tflite-float16",
+                  "tflite-int8", "onnx")
+
+
+def _export_formats(path, v):
+    if isinstance(v, str):
+        v = [v]
+    if not (isinstance(v, list) and v and all(f in EXPORT_FORMATS for f in v)
             and len(set(v)) == len(v)):
-        raise ConfigError(path, "a non-empty list of distinct digits 0..9", v)
+        raise ConfigError(path, f"a non-empty list of distinct names from {list(EXPORT_FORMATS)}",
+                          v)
+    return list(v)
+
+
+def _classes(path, v):
+    if not (isinstance(v, list) and len(v) >= 2 and all(_is_int(c) and 0 <= c <= 9 for c in v)
+            and len(set(v)) == len(v)):
+        raise ConfigError(path, "a list of at least 2 distinct digits 0..9 (a classifier "
+                          "needs 2 classes)", v)
     return list(v)
 
 
@@ -208,7 +250,7 @@ DATA = {
 TUNER = {
     "kind": (_one_of(TUNERS), "random"),
     "max_trials": (_num(1, integer=True), 10),
-    "objective": (_one_of(OBJECTIVES), "val_accuracy"),
+    "objective": (_objective, "val_accuracy"),
     "executions_per_trial": (_num(1, integer=True), 1),
     "seed": (_num(integer=True), 0),
     "max_consecutive_failed_trials": (_num(1, integer=True), 3),
@@ -219,12 +261,15 @@ TUNER = {
 RUN = {
     "directory": (_string, "searches/search"),
     "export_dir": (_optional(_string), None),
+    "export_formats": (_export_formats, ["serving"]),
     "strategy": (_one_of(STRATEGIES), "none"),
     "isolate_trials": (_one_of((False, True)), True),
     "worker_max_trials": (_num(1, integer=True), 10),
     "worker_max_rss_growth_mb": (_optional(_num(0, lo_open=True)), 1024.0),
     "dtype_policy": (_one_of(DTYPE_POLICIES), "float32"),
     "jit_compile": (_jit_compile, "auto"),
+    "max_time": (_optional(_num(0, lo_open=True)), None),
+    "stop_after": (_optional(_num(1, integer=True)), None),
 }
 
 
@@ -284,7 +329,7 @@ def _range(path, raw, check, forms):
     if "r" not in forms:
         raise ConfigError(path, "no {min, max} range for this knob", raw)
     _keys(path, raw, RANGE_KEYS, ("min", "max"))
-    if path.endswith(".trainable"):
+    if path.endswith(".unfreeze"):
         check = _num(0, 1)  # fraction:F
     lo, hi = check(f"{path}.min", raw["min"]), check(f"{path}.max", raw["max"])
     if not lo < hi:
@@ -322,11 +367,37 @@ def _keys(path, raw, allowed, required):
 def _search_space(raw):
     if not isinstance(raw, dict):
         raise ConfigError("search_space", "a mapping with at least `backbone`", raw)
+    raw = _renamed_unfreeze(raw)
     _no_unknown("search_space", raw, KNOBS)
     if "backbone" not in raw:
         raise ConfigError("search_space.backbone", "a value (this key is required)", None)
-    return {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
-            for name, (_, default, _) in KNOBS.items()}
+    space = {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
+             for name, (_, default, _) in KNOBS.items()}
+    if _largest(space["head_epochs"]) + _largest(space["fine_tune_epochs"]) == 0:
+        raise ConfigError("search_space.fine_tune_epochs", "an integer > 0 when "
+                          "head_epochs is 0 (every trial would train for 0 epochs)",
+                          space["fine_tune_epochs"])
+    return space
+
+
+def _largest(knob):
+    """The largest value a validated integer knob can take."""
+    if isinstance(knob, dict):
+        return max(knob["choice"]) if "choice" in knob else knob["int_max"]
+    return knob
+
+
+def _renamed_unfreeze(raw):
+    """`search_space.trainable`, the former name of `unfreeze`: accepted with a warning."""
+    if "trainable" not in raw:
+        return raw
+    if "unfreeze" in raw:
+        raise ConfigError("search_space.trainable", "no `trainable` next to `unfreeze` (its "
+                          "former name); keep `unfreeze` only", raw["trainable"])
+    warnings.warn("`search_space.trainable` is deprecated: it is now `search_space.unfreeze` "
+                  "(what stage 2 of each trial unfreezes). Rename the key; the value is used "
+                  "as `unfreeze`.", DeprecationWarning, stacklevel=4)
+    return {("unfreeze" if k == "trainable" else k): v for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------- public API
@@ -355,16 +426,47 @@ def validate(raw):
     }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key written twice in one mapping
+    (plain `safe_load` silently keeps the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # an unhashable key: the schema check reports it
+            if key in seen:
+                raise ConfigError(
+                    "--config", f"each key once per mapping; {key!r} is written on line "
+                    f"{seen[key]} and again on line {line}", key)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
-    """Reads a YAML file with `yaml.safe_load`, as a ConfigError on failure."""
+    """Reads a YAML file as `yaml.safe_load` does, as a ConfigError on failure.
+
+    A key written twice in one mapping is an error (naming the key and both
+    lines), and syntax errors keep their line and column.
+    """
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except OSError as e:
         raise ConfigError("--config", "a readable YAML file", str(path)) from e
     except yaml.YAMLError as e:
-        raise ConfigError("--config", f"valid YAML ({str(e).splitlines()[0]})",
-                          str(path)) from e
+        raise ConfigError("--config", f"valid YAML ({_yaml_problem(e)})", str(path)) from e
+
+
+def _yaml_problem(error):
+    """`line L, column C: problem` of a YAML error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_config(path, overrides=None):
