@@ -77,18 +77,17 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
 
 
 def _string_number_hint(v):
-    """For `1e-3`, which YAML 1.1 reads as a string: how to write the number."""
-    if not isinstance(v, str):
+    """For `1e-3`, which YAML 1.1 reads as a string (no dot before the `e`):
+    how to write the number."""
+    if not isinstance(v, str) or "e" not in v.lower():
         return ""
     try:
         number = float(v)
     except ValueError:
         return ""
     mantissa, _, exponent = v.lower().partition("e")
-    spelled = f"{float(mantissa)}e{exponent}" if exponent else repr(number)
-    return (f" (YAML reads {v!r} as a string, not a number: write {spelled} or "
-            f"{number!r})" if exponent else f" (YAML reads {v!r} as a string: write {v} "
-            "without quotes)")
+    return (f" (YAML reads {v!r} as a string, not a number: write "
+            f"{float(mantissa)}e{exponent} or {number!r})")
 
 
 def _one_of(names):
