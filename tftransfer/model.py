@@ -345,7 +345,8 @@ def unit_range_message(argument, peak, name, mode):
                 "backbone was trained on [0, 1] inputs, declare it when building, with "
                 "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
                 "feed 0-255 pixels.")
-    return (f"{start} (its preprocessing layer, mode {mode!r}, scales them for the backbone). "
+    shown = f"mode {mode!r}" if not isinstance(mode, dict) or "layer" not in mode else "a layer"
+    return (f"{start} (its preprocessing, {shown}, scales them for the backbone). "
             "Multiply the images by 255.")
 
 
