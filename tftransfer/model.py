@@ -51,7 +51,8 @@ class FineTuner(keras.Model):
         task: `"classification"`, `"multi_label"` or `"regression"`.
         preprocessing: The backbone's input preprocessing, an
             `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
-            `"rescale:<scale>,<offset>"`).
+            `"rescale:<scale>,<offset>"`, a `{"mean", "std", "channel_order"}`
+            dict) or a Keras layer.
         hidden_units: Sequence of integers, ReLU layers in the head.
         dropout: Float in [0, 1), dropout in the head.
         regularizer: Optional Keras regularizer (or identifier) of the head's
