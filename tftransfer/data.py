@@ -146,13 +146,19 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
                    interpolation="bilinear", cache_budget=None) -> ImageData:
     """Loads ``path/<class_name>/**/<image>`` (one subfolder per class).
 
-    Listing reads no image: files with an image extension (jpg, jpeg, png,
-    bmp, gif, webp; any case) are kept when their first bytes are those of an
-    image. The others, and files that still fail to decode while reading
-    (truncated ones), are left out without stopping the epoch: they are named
-    in one warning each time (at listing, and at the end of the first pass
-    over each split) and in ``skipped``. Files with another extension are
-    counted in the listing's warning. Hidden files and folders are ignored.
+    Listing decodes no image (the rule ``predict`` follows too): files with
+    an image extension (jpg, jpeg, png, bmp, gif, webp; any case) are kept
+    when their first bytes are those of an image and their end is there
+    (JPEG's end marker, PNG's IEND chunk, ...: a truncated file is found
+    before the first epoch). The others, files of image formats TensorFlow
+    cannot read (``.tif``, ``.heic``, ...), and the rare file that still
+    fails to decode while reading are left out without stopping the epoch:
+    they are named in one warning each time (at listing, and at the end of
+    the first pass over each split) and in ``skipped``. Files with another
+    extension are counted in the listing's warning. Hidden files and folders
+    (and macOS's ``._*`` files) are ignored; symbolic links are followed.
+    Images are decoded by ``tftransfer._images.decode``: first frame of an
+    animation, 16-bit scaled to 8, EXIF orientation applied.
 
     Args:
         path: Root directory; class names are its sorted subfolder names.

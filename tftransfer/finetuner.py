@@ -66,8 +66,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         preprocessing: Override the backbone's preprocessing mode (`"none"`,
             `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`), or any other
             normalization as `{"mean": [...], "std": [...],
-            "channel_order": "rgb" or "bgr"}` in 0-255 units; saved with the
-            model.
+            "channel_order": "rgb" or "bgr"}` in 0-255 units, or a Keras
+            layer taking 0-255 pixels; saved with the model.
         freeze_batchnorm: Keep BatchNormalization layers in inference mode
             even where the backbone trains. Defaults to `True`.
         regularize_backbone: Also regularize the backbone's kernels.

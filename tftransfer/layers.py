@@ -443,7 +443,8 @@ class ImagePreprocessing(keras.layers.Layer):
             `{"mean": [...], "std": [...], "channel_order": "rgb"}` for any
             other normalization: `(pixels - mean) / std`, both in 0-255
             units (a number or one per channel; defaults 0 and 1), after
-            reordering the channels to `"bgr"` if asked.
+            reordering the channels to `"bgr"` if asked; or a Keras layer
+            taking 0-255 pixels (saved with the model, weights included).
 
     Example:
         >>> ImagePreprocessing({"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]})
@@ -451,10 +452,22 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode="none", **kwargs):
         super().__init__(**kwargs)
-        self.mode = _check_mode(mode)
+        self.layer = None
+        if isinstance(mode, keras.layers.Layer):  # kept in the config as Keras serializes it
+            mode = {"layer": keras.saving.serialize_keras_object(mode)}
+        if isinstance(mode, dict) and set(mode) == {"layer"}:
+            self.layer, self.mode = keras.saving.deserialize_keras_object(mode["layer"]), mode
+        else:
+            self.mode = _check_mode(mode)
+
+    def build(self, input_shape):
+        if self.layer is not None and not self.layer.built:
+            self.layer.build(input_shape)
 
     def call(self, images):
         x = keras.ops.cast(images, self.compute_dtype)
+        if self.layer is not None:
+            return self.layer(x)
         if self.mode == "none":
             return x
         if self.mode == "tf":

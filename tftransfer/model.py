@@ -52,7 +52,8 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         task: `"classification"`, `"multi_label"` or `"regression"`.
         preprocessing: The backbone's input preprocessing, an
             `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
-            `"rescale:<scale>,<offset>"`).
+            `"rescale:<scale>,<offset>"`, a `{"mean", "std", "channel_order"}`
+            dict) or a Keras layer.
         hidden_units: Sequence of integers, ReLU layers in the head.
         dropout: Float in [0, 1), dropout in the head.
         regularizer: Optional Keras regularizer (or identifier) of the head's
@@ -355,7 +356,8 @@ def unit_range_message(argument, peak, name, mode):
                 "backbone was trained on [0, 1] inputs, declare it when building, with "
                 "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
                 "feed 0-255 pixels.")
-    return (f"{start} (its preprocessing layer, mode {mode!r}, scales them for the backbone). "
+    shown = f"mode {mode!r}" if not isinstance(mode, dict) or "layer" not in mode else "a layer"
+    return (f"{start} (its preprocessing, {shown}, scales them for the backbone). "
             "Multiply the images by 255.")
 
 
