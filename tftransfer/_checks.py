@@ -240,8 +240,9 @@ def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfree
     if is_real(fine_tune_learning_rate):
         check_float(fine_tune_learning_rate, "fine_tune_learning_rate", low=0.0, low_open=True)
     check_float(lr_factor, "lr_factor", low=0.0, high=1.0, low_open=True)
-    check_float(layerwise_lr_decay, "layerwise_lr_decay", low=0.0, high=1.0, low_open=True,
-                allow_none=True)
+    if layerwise_lr_decay != "auto":
+        check_float(layerwise_lr_decay, "layerwise_lr_decay", low=0.0, high=1.0, low_open=True,
+                    allow_none=True)
     check_int(batch_size, "batch_size", minimum=1)
     last = max(1, head_epochs + fine_tune_epochs) - 1
     if not (is_int(initial_epoch) and 0 <= initial_epoch <= last):

@@ -23,6 +23,7 @@ Example:
 """
 
 import copy
+import re
 import warnings
 
 import keras
@@ -33,6 +34,9 @@ from tftransfer import freezing, heads, optim
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# `layerwise_lr_decay="auto"`: the top backbone layer learns this many times
+# faster than the bottom one (fastai's `slice(lr / 100, lr)`).
+AUTO_LR_RANGE = 100.0
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
 INPUT_RANGE = (0.0, 255.0)
 
@@ -188,7 +192,8 @@ class FineTuner(keras.Model):
             learning_rate: Float or schedule; defaults to the base rate.
             layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
                 backbone layer from the top learns at `rate * decay**k`, the
-                head at `rate`.
+                head at `rate`; `"auto"` spreads the backbone's rates over
+                100x (see `layerwise_multipliers`).
 
         Returns:
             A `keras.optimizers.Optimizer` (serializable with its rates).
@@ -204,13 +209,38 @@ class FineTuner(keras.Model):
 
     def layerwise_multipliers(self, decay):
         """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
-        k=1 at the top (the keys survive save and reload)."""
-        layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
+        k=1 at the top (the keys survive save and reload).
+
+        A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
+        and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
+        bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
+        (100x) from the top layer to the bottom one, whatever the depth:
+        `decay = (1 / 100) ** (1 / layers)`.
+        """
+        groups = self._depth_groups()
+        if isinstance(decay, str):  # "auto"
+            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, len(groups)))
         multipliers = {}
-        for depth, layer in enumerate(reversed(layers), start=1):
-            for variable in layer.trainable_weights:
-                multipliers[f"{layer.name}/{variable.name}"] = float(decay) ** depth
+        for depth, keys in enumerate(reversed(groups), start=1):
+            for key in keys:
+                multipliers[key] = float(decay) ** depth
         return multipliers
+
+    def _depth_groups(self):
+        """Lists of `"<layer>/<variable>"` keys of the trainable backbone, bottom to top."""
+        groups = []
+        for layer in freezing.leaf_layers(self._backbone):
+            if not layer.trainable_weights:
+                continue
+            if not isinstance(layer, HubLayer):
+                groups.append([f"{layer.name}/{v.name}" for v in layer.trainable_weights])
+                continue
+            by_prefix = {}
+            for v in layer.trainable_weights:
+                prefix = re.split(r"__|/", v.name)[0] if re.search(r"__|/", v.name) else v.name
+                by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
+            groups += list(by_prefix.values())
+        return groups
 
     def _bind(self, optimizer):
         """Binds layer-wise rates (keyed by layer and variable name) to this model's variables."""

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _feature_store, _lock, _memory, distribute, optim, reports
+from tftransfer import _checks, _feature_store, _lock, _memory, _stage2, distribute, reports
 from tftransfer.model import FineTuner
 
 _STATE = "fine_tune_state.json"
@@ -40,7 +40,7 @@ _MODEL_FILE = "model.keras"
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
-              layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
+              fine_tune_warmup=1.0, layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -59,9 +59,18 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         fine_tune_epochs: Integer, epochs of stage 2 (0 skips it).
         unfreeze: Freezing policy of stage 2 (`"all"`, `"top:N"`,
             `"fraction:F"`, regexes, callable). Defaults to `"all"`.
-        fine_tune_learning_rate: Float or schedule for stage 2; defaults to
-            the stage-1 rate times `lr_factor`.
-        lr_factor: Float in (0, 1]. Defaults to `0.1`.
+        fine_tune_learning_rate: The rate of stage 2: anything
+            `build_finetuner(learning_rate=...)` takes (a float, a schedule
+            name or `{"class_name", "config"}` dict, a Keras schedule); a
+            `cosine`, `warmup_cosine` or `polynomial` dict without
+            `decay_steps` decays over stage 2. Defaults to the stage-1 rate
+            times `lr_factor`.
+        lr_factor: Float in (0, 1], stage 2's rate as a fraction of stage
+            1's. Defaults to `0.1`.
+        fine_tune_warmup: Float >= 0, epochs over which a float stage-2
+            rate ramps up linearly from nearly 0 (`optim.WarmupSchedule`; 0
+            turns it off; a schedule passed as `fine_tune_learning_rate` is
+            used as it is). Defaults to `1.0`.
         layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
             backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
@@ -117,13 +126,16 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
     """
     model = _check_model(model)
     _checks.fine_tune_arguments(**locals())
+    _stage2.check_rate(fine_tune_learning_rate)
+    _stage2.check_warmup(fine_tune_warmup)
     _checks.fine_tune_data(model, train, validation, class_weight)
     data = _Data.of(train, validation, class_weight, batch_size, shuffle)
     data.adopt_class_names(model)
     data.warn_if_unit_range(model)
     settings = dict(head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs,
                     unfreeze=unfreeze, fine_tune_learning_rate=fine_tune_learning_rate,
-                    lr_factor=lr_factor, layerwise_lr_decay=layerwise_lr_decay,
+                    lr_factor=lr_factor, fine_tune_warmup=fine_tune_warmup,
+                    layerwise_lr_decay=layerwise_lr_decay,
                     batch_size=batch_size, class_weight=class_weight, source=model.source,
                     num_classes=model.num_classes, task=model.task,
                     keep_best_stage=keep_best_stage)
@@ -154,9 +166,9 @@ def _run(model, data, state, settings, initial_epoch, cache, freeze_batchnorm, c
     stage1_weights = [np.array(w) for w in model.weights]
     second, start = {}, initial_epoch + len(next(iter(first.values()), []))
     if fine_tune_epochs:
-        lr = settings["fine_tune_learning_rate"]
-        if lr is None:
-            lr = _scaled(base_lr, settings["lr_factor"])
+        lr = _stage2.stage2_rate(model, settings["fine_tune_learning_rate"],
+                                 settings["lr_factor"], settings["fine_tune_warmup"],
+                                 _batches(data.train), fine_tune_epochs)
         model.freeze(settings["unfreeze"], freeze_batchnorm=freeze_batchnorm)
         model.compile_stage(lr, layerwise_lr_decay=settings["layerwise_lr_decay"])
         done = max(0, initial_epoch - head_epochs)  # stage-2 epochs run before
@@ -169,13 +181,6 @@ def _run(model, data, state, settings, initial_epoch, cache, freeze_batchnorm, c
         model, first, second, stage1_weights, data.validation is not None)
     state.finish(model, history)
     return history
-
-
-def _scaled(rate, factor):
-    """`rate * factor` for a float, or a schedule scaled by `factor`."""
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return optim.ScaledSchedule(rate, factor)
-    return rate * factor
 
 
 def _keep_better_stage(model, first, second, stage1_weights, has_validation):
@@ -500,8 +505,9 @@ def _merge(model, first, second, initial_epoch=0):
 
 def _fingerprint(data, settings):
     """What a rerun in the same `output_dir` must share to resume it."""
-    plain = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v))
-             for k, v in settings.items()}
+    plain = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict))
+                 else keras.saving.serialize_keras_object(v) if hasattr(v, "get_config")
+                 else repr(v)) for k, v in settings.items()}
     return {"data": data.fingerprint(), "settings": json.loads(json.dumps(plain, default=str))}
 
 

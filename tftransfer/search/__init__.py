@@ -36,8 +36,9 @@ Config (YAML; every key optional except `search_space.backbone`):
                    regularizer_kind (none|l1|l2|l1_l2), regularizer_strength (1e-4),
                    dropout (0), hidden_units ([] ; choices are lists),
                    label_smoothing (0), batch_size (32, per replica),
-                   head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay (null),
-                   lr_factor (0.1)
+                   head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay
+                   (auto: 100x over the backbone | 0-1 | null), lr_factor (0.1),
+                   fine_tune_warmup (1.0 epoch)
     tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
                    objective: val_accuracy|val_loss  executions_per_trial: 1
                    seed: 0  max_consecutive_failed_trials: 3
