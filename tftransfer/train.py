@@ -40,7 +40,7 @@ _MODEL_FILE = "model.keras"
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
-              fine_tune_warmup=1.0, layerwise_lr_decay=None, freeze_batchnorm=True, class_weight=None,
+              fine_tune_warmup=1.0, layerwise_lr_decay="auto", freeze_batchnorm=True, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -71,9 +71,12 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             rate ramps up linearly from nearly 0 (`optim.WarmupSchedule`; 0
             turns it off; a schedule passed as `fine_tune_learning_rate` is
             used as it is). Defaults to `1.0`.
-        layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
-            backbone layer counted from the top learns at
+        layerwise_lr_decay: `"auto"`, a float in (0, 1] or None: the k-th
+            trainable backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
+            `"auto"` (the default) picks the decay that spreads the
+            backbone's rates over 30x, top to bottom, whatever its depth;
+            None trains the whole backbone at `rate`.
         freeze_batchnorm: Keep BatchNormalization in inference mode in
             stage 2. Defaults to `True`.
         class_weight: Optional dict `{class: weight}`.
