@@ -42,9 +42,10 @@ def check_rate(rate):
     """
     if rate is None:
         return None
-    if isinstance(rate, dict) and _name(rate) in _DECAY_OVER_STAGE:
-        rate = _with_decay_steps(rate, 1)  # the real length is known in `stage2_rate`
-    optim.get_schedule(rate, learning_rate=1e-3, argument="fine_tune_learning_rate")
+    checked = {"class_name": rate} if isinstance(rate, str) else rate
+    if isinstance(checked, dict) and _name(checked) in _DECAY_OVER_STAGE:
+        checked = _with_decay_steps(checked, 1)  # the real length is known in `stage2_rate`
+    optim.get_schedule(checked, learning_rate=1e-3, argument="fine_tune_learning_rate")
     return rate
 
 
