@@ -1,5 +1,6 @@
 """Tests of tftransfer.export: TF Serving SavedModels, versions, verify CLI."""
 
+import configparser
 import datetime
 import hashlib
 import io
@@ -9,6 +10,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -333,6 +335,19 @@ def test_warmup_records_are_prediction_logs_that_run(exported, loaded):
         assert out["probabilities"].shape[0] == next(iter(inputs.values())).shape[0]
     assert signatures.count("serving_default") >= 1
     assert signatures.count("serving_bytes") >= 1
+
+
+def test_default_install_writes_warmup_requests_without_warning(tmp_path, cnn):
+    setup = configparser.ConfigParser()
+    setup.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
+    required = setup["options"]["install_requires"].split()
+    assert "tensorflow-serving-api>=2.21,<2.22" in required
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = ex.export_for_serving(cnn, tmp_path)
+    assert not [w for w in caught if "serving-api" in str(w.message)]
+    warmup = pathlib.Path(path, "assets.extra", "tf_serving_warmup_requests")
+    assert sum(1 for _ in tf.data.TFRecordDataset(str(warmup))) == 3
 
 
 def test_warmup_skipped_without_serving_api(tmp_path, cnn, monkeypatch):

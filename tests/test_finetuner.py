@@ -109,15 +109,38 @@ def test_stage_methods_compose_fine_tuning(split):
     assert changed(before, weights_of(model.head)) == set(before)  # the model's own head
 
 
-def test_explicit_compile_becomes_the_recipe(split):
+def test_explicit_compile_leaves_the_recipe(split):
     train, val, _ = split
-    model = build_finetuner(DIGITS, num_classes=5)
+    model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+    recipe = model.recipe
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    assert type(model.optimizer).__name__ == "SGD"  # fit trains with what was compiled
+    assert model.recipe == recipe and model.base_learning_rate == pytest.approx(1e-2)
+    fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, verbose=0,
+              keep_best_stage=False)
+    config = model.optimizer.get_config()  # stage 2 from the recipe: Adam at 1e-2 * 0.1
+    assert type(model.optimizer).__name__ == "Adam"
+    assert config["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_build_finetuner_optimizer_instance_gives_the_recipe_its_rate():
+    model = build_finetuner(DIGITS, num_classes=5,
+                            optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     assert model.base_learning_rate == pytest.approx(0.05)
-    fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, verbose=0)
-    config = model.optimizer.get_config()
-    assert type(model.optimizer).__name__ == "SGD" and config["momentum"] == 0.9
-    assert config["learning_rate"] == pytest.approx(0.005)
+    stage = model.stage_optimizer()
+    assert type(stage).__name__ == "SGD" and stage.get_config()["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("recipe, argument, frozen", [
+    (False, None, False), (True, None, True), (False, True, True), (True, False, False)])
+def test_fine_tune_takes_the_recipes_freeze_batchnorm(split, recipe, argument, frozen):
+    train, _, _ = split
+    model = build_finetuner(DIGITS, num_classes=5, freeze_batchnorm=recipe)
+    fine_tune(model, (train[0][:40], train[1][:40]), head_epochs=0, fine_tune_epochs=1,
+              batch_size=40, freeze_batchnorm=argument, verbose=0)
+    norms = [layer for layer in model.backbone.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.trainable != frozen for layer in norms)
 
 
 def test_fine_tune_takes_the_data_class_names(split, tmp_path):

@@ -26,8 +26,11 @@ _PUBLIC = {
     "get_optimizer": "optim",
     "get_regularizer": "optim",
     "get_schedule": "optim",
+    "interpret": "interpret",
     "load_backbone": "backbones",
     "predict": "predict",
+    "to_onnx": "export",
+    "to_tflite": "export",
 }
 
 __all__ = sorted(_PUBLIC)

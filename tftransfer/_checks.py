@@ -228,7 +228,7 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
                         fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay="auto",
-                        freeze_batchnorm=True, batch_size=32, shuffle=True, early_stopping=3,
+                        freeze_batchnorm=None, batch_size=32, shuffle=True, early_stopping=3,
                         overwrite=False, initial_epoch=0, keep_best_stage=True, **_):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.
 
@@ -250,9 +250,10 @@ def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfree
         raise invalid("initial_epoch", "an integer from 0 to head_epochs + fine_tune_epochs - 1 "
                       f"(here {last})", initial_epoch)
     for name, value in (("shuffle", shuffle), ("overwrite", overwrite),
-                        ("freeze_batchnorm", freeze_batchnorm),
                         ("keep_best_stage", keep_best_stage)):
         check_bool(value, name)
+    if freeze_batchnorm is not None:
+        check_bool(freeze_batchnorm, "freeze_batchnorm")
     if early_stopping is not None and early_stopping is not False and not (
             is_int(early_stopping) and early_stopping >= 0):
         raise invalid("early_stopping", "an integer patience >= 0, or None (or False) to turn "
@@ -265,6 +266,8 @@ def _check_unfreeze(model, unfreeze, freeze_batchnorm):
     from tftransfer import freezing  # freezing imports this module
 
     backbone = backbone_of(model)
+    if freeze_batchnorm is None:  # the recipe's, as `FineTuner.freeze` takes it
+        freeze_batchnorm = getattr(model, "recipe", {}).get("freeze_batchnorm", True)
     if backbone is not None:
         freezing.selection(backbone, unfreeze, freeze_batchnorm=freeze_batchnorm,
                            argument="unfreeze")

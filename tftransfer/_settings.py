@@ -152,7 +152,8 @@ def resolve_class_weight(class_weight, class_names, counts) -> dict[int, float] 
 
 def fingerprint(spec: Spec, *parts) -> str:
     """Hash of ``parts`` and of the settings that change cached images."""
-    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:9]).encode())  # not augment
+    cached = (spec.image_size, spec.channels, spec.seed, spec.interpolation, spec.validation_split)
+    digest = hashlib.sha1(repr(cached).encode())  # not augment, batch_size, shuffle, cache
     for part in parts:
         digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
     return digest.hexdigest()[:12]

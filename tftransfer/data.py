@@ -190,7 +190,7 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
     spec = _settings.make_spec(**locals())
     listing = _list_images(path)
     key = spec.cache not in CACHE_MODES and _settings.fingerprint(
-        spec, listing.paths, [os.stat(p)[8:] for p in listing.paths])  # sizes and times
+        spec, listing.paths, [_size_and_time(p) for p in listing.paths])
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
@@ -388,3 +388,9 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
                   read(split=splits[1]) if splits[1] else None)
     return _stream(spec, train, val, names, counts, class_weight,
                    (name, str(builder.data_dir), splits), _num_images(train, val))
+
+
+def _size_and_time(path):
+    """What changes when a file is rewritten: its size and modification time."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

@@ -119,11 +119,12 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
 
 def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,
             freeze_batchnorm, jit_compile):
-    schedule = optim.get_schedule(learning_rate)  # validated here, before anything is built
-    if isinstance(optimizer, keras.optimizers.Optimizer):
+    if isinstance(optimizer, keras.optimizers.Optimizer):  # compiled as is: its rate is the base
+        learning_rate = optimizer.get_config()["learning_rate"]
         optimizer = keras.optimizers.serialize(optimizer)
     else:
         optim.get_optimizer(optimizer, **dict(options or {}))  # validated
+    schedule = optim.get_schedule(learning_rate)  # validated here, before anything is built
     return {
         "optimizer": optimizer,
         "optimizer_options": dict(options or {}),

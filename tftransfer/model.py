@@ -253,16 +253,12 @@ class FineTuner(keras.Model):
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """`keras.Model.compile` with `"auto"` defaults from the recipe and task.
 
-        An explicit optimizer becomes the recipe's: `fine_tune` builds its
-        stages from it.
+        An explicit optimizer is used as given (`fit` trains with it); the
+        recipe does not change, so `fine_tune` and `compile_stage` still
+        build their optimizers from it (set it with `build_finetuner`).
         """
-        if optimizer == "auto":
-            optimizer = self.stage_optimizer()
-        else:
-            optimizer = optim.get_optimizer(optimizer)
-            config = optimizer.get_config()
-            self._recipe.update({"optimizer": keras.optimizers.serialize(optimizer),
-                                 "learning_rate": config["learning_rate"]})
+        optimizer = self.stage_optimizer() if optimizer == "auto" else optim.get_optimizer(
+            optimizer)
         if loss == "auto":
             loss = heads.auto_loss(self._task, self._num_classes,
                                    self._recipe.get("label_smoothing", 0.0))

@@ -14,135 +14,19 @@ Example:
 """
 
 import math
-import re
-import warnings
 
 import keras
 
 from tftransfer._checks import check_float, check_int, invalid, is_real
+from tftransfer._fine_tune_optimizers import NO_DECAY, base_class, fine_tune_class
+from tftransfer._names import OPTIMIZERS
 from tftransfer._registry import Registry, check_config_dict
-
-# Variables that decoupled weight decay leaves alone.
-NO_DECAY = ["bias", "gamma", "beta", "moving_mean", "moving_variance"]
 
 _OPTIMIZERS = Registry(
     "optimizer",
     "optimizer",
-    {
-        "sgd": keras.optimizers.SGD,
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "rmsprop": keras.optimizers.RMSprop,
-        "nadam": keras.optimizers.Nadam,
-        "adagrad": keras.optimizers.Adagrad,
-        "adadelta": keras.optimizers.Adadelta,
-        "adamax": keras.optimizers.Adamax,
-        "adafactor": keras.optimizers.Adafactor,
-        "ftrl": keras.optimizers.Ftrl,
-        "lamb": keras.optimizers.Lamb,
-        "lion": keras.optimizers.Lion,
-    },
+    {name: getattr(keras.optimizers, cls) for name, cls in OPTIMIZERS.items()},
 )
-
-
-class _FineTuneOptimizer:
-    """Mixin for Keras optimizers: per-variable learning-rate multipliers and
-    a weight-decay exclusion list, both kept in `get_config`, so a model saved
-    after layer-wise fine-tuning reloads (default `safe_mode`) and trains on
-    with the same rates.
-
-    Multipliers are keyed by `"<layer name>/<variable name>"`, which a saved
-    model keeps (variable paths may not survive a reload). A `FineTuner` binds
-    the keys to its variables when it compiles (`bind_variables`); an unbound
-    optimizer matches them against the ends of the variable paths.
-
-    Args:
-        lr_multipliers: Optional dict `{"<layer>/<variable>": factor}`; that
-            variable is updated at `learning_rate * factor`.
-        no_decay: Optional list of variable-name substrings that decoupled
-            weight decay leaves alone.
-    """
-
-    def __init__(self, *args, lr_multipliers=None, no_decay=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
-        self.no_decay = list(no_decay or [])
-        self._by_path = None
-        if self.no_decay:
-            self.exclude_from_weight_decay(var_names=self.no_decay)
-
-    @property
-    def multipliers_by_path(self):
-        """`{variable path: factor}` once bound or built, else None."""
-        return None if self._by_path is None else dict(self._by_path)
-
-    def bind_variables(self, variables_by_key):
-        """Binds the multipliers to variables: `{"<layer>/<variable>": Variable}`."""
-        self._by_path, bound = {}, 0
-        for key, factor in self.lr_multipliers.items():
-            if key in variables_by_key:
-                self._by_path.update(dict.fromkeys(_paths(variables_by_key[key]), factor))
-                bound += 1
-        self._warn_unbound(bound)
-
-    def build(self, variables):
-        if self._by_path is None:
-            self._by_path, bound = {}, set()
-            for v in variables:
-                for key, factor in self.lr_multipliers.items():
-                    if v.path == key or v.path.endswith("/" + key):
-                        self._by_path.update(dict.fromkeys(_paths(v), factor))
-                        bound.add(key)
-            self._warn_unbound(len(bound))
-        super().build(variables)
-
-    def _warn_unbound(self, bound):
-        missing = len(self.lr_multipliers) - bound
-        if missing > 0:
-            warnings.warn(
-                f"{missing} of {len(self.lr_multipliers)} layer-wise learning rates name no "
-                f"variable of the model (e.g. {sorted(self.lr_multipliers)[0]!r}); those "
-                "variables train at the base rate.", stacklevel=3)
-
-    def update_step(self, gradient, variable, learning_rate):
-        factor = (self._by_path or {}).get(_path_of(variable))
-        if factor is not None:
-            learning_rate = learning_rate * factor
-        return super().update_step(gradient, variable, learning_rate)
-
-    def get_config(self):
-        return {**super().get_config(), "lr_multipliers": dict(self.lr_multipliers),
-                "no_decay": list(self.no_decay)}
-
-
-def _paths(variable):
-    """The names `update_step` may see for a Keras variable: its path, and the
-    name of the TF variable it wraps (a `HubLayer`'s keep their SavedModel names)."""
-    return {variable.path, _path_of(variable.value)}
-
-
-def _path_of(variable):
-    """The Keras path of a variable, also for the backend variable Keras hands
-    to `update_step` (named `<path>:0`, or `<path>/replica_<i>:0` on other
-    replicas of a mirrored strategy)."""
-    path = getattr(variable, "path", None)
-    if path is not None:
-        return path
-    return re.sub(r"(/replica_\d+)?:\d+$", "", variable.name)
-
-
-def _fine_tune_class(cls):
-    """The registered `_FineTuneOptimizer` subclass of an optimizer class."""
-    name = f"FineTune{cls.__name__}"
-    if name not in _FINE_TUNE_CLASSES:
-        made = type(name, (_FineTuneOptimizer, cls), {"__doc__": f"`{cls.__name__}` with "
-                    "layer-wise learning rates and a saved weight-decay exclusion list."})
-        _FINE_TUNE_CLASSES[name] = keras.saving.register_keras_serializable(
-            package="tftransfer")(made)
-    return _FINE_TUNE_CLASSES[name]
-
-
-_FINE_TUNE_CLASSES = {}
 
 
 def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, options=None,
@@ -171,7 +55,7 @@ def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, 
         identifier = keras.optimizers.serialize(identifier)
     if isinstance(identifier, dict) and "registered_name" in identifier:  # Keras-serialized
         optimizer = keras.optimizers.deserialize(identifier)
-        cls, config = _base_class(type(optimizer)), optimizer.get_config()
+        cls, config = base_class(type(optimizer)), optimizer.get_config()
         for key in ("lr_multipliers", "no_decay"):
             config.pop(key, None)
     else:
@@ -185,11 +69,7 @@ def make_optimizer(identifier="adam", learning_rate=None, *, weight_decay=None, 
     if not (weight_decay or lr_multipliers):  # an optimizer's own default decay stays as it is
         return cls.from_config(config)
     config.update(lr_multipliers=lr_multipliers or {}, no_decay=NO_DECAY if weight_decay else [])
-    return _fine_tune_class(cls).from_config(config)
-
-
-def _base_class(cls):
-    return cls.__mro__[2] if issubclass(cls, _FineTuneOptimizer) else cls
+    return fine_tune_class(cls).from_config(config)
 
 
 def optimizer_names():

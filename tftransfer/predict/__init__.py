@@ -26,6 +26,7 @@ from tftransfer import _images, _pipeline
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner
+from tftransfer.predict import _tflite
 
 _TASKS = _contract.TASKS
 
@@ -106,14 +107,16 @@ class _Predictor:
             path = os.fspath(model)
             if os.path.isfile(path) and path.endswith(".keras"):
                 return cls._keras(keras.saving.load_model(path, compile=False))
+            if os.path.isfile(path) and path.endswith(".tflite"):
+                return cls(*_tflite.predictor_args(path))
             if os.path.isdir(path):
                 return cls._export(path)
             if not os.path.exists(path):
                 raise ValueError(f"`model` names a path that does not exist. "
                                  f"Received: model={path!r}")
         raise ValueError(
-            "`model` must be a FineTuner (or keras.Model), a .keras file or a serving export "
-            f"directory. Received: model={model!r}"
+            "`model` must be a FineTuner (or keras.Model), a .keras file, a .tflite file or a "
+            f"serving export directory. Received: model={model!r}"
         )
 
     @classmethod

@@ -18,7 +18,7 @@ def _parser():
         prog="python -m tftransfer.predict",
         description="Predict labels for image files or folders with a tftransfer model.",
         epilog="Exit codes: 0 done, 2 bad arguments, model or images.")
-    p.add_argument("model", help="a .keras file or a serving export directory")
+    p.add_argument("model", help="a .keras or .tflite file, or a serving export directory")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")

@@ -29,9 +29,10 @@ Config (YAML; every key optional except `search_space.backbone`):
                    validation_split: 0.2   seed: 0
     search_space:  each knob a value, {choice: [...]}, {min, max, sampling:
                    linear|log, step} or {int_min, int_max, step}:
-                   backbone (a list = choice), trainable ("none"|"all"|"top:N"|
+                   backbone (a list = choice), unfreeze ("none"|"all"|"top:N"|
                    "fraction:F"; int range = top:N, float range = fraction:F;
-                   what stage 2 unfreezes; default "all"), optimizer (adam),
+                   the freeze policy of stage 2, `fine_tune(unfreeze=...)`;
+                   default "all"; formerly `trainable`), optimizer (adam),
                    learning_rate (1e-3), schedule (constant|cosine|warmup_cosine),
                    regularizer_kind (none|l1|l2|l1_l2), regularizer_strength (1e-4),
                    dropout (0), hidden_units ([] ; choices are lists),

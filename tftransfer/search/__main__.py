@@ -75,7 +75,6 @@ def parser():
                         "(one GPU per worker when there are GPUs).")
     p.add_argument("--verbose", action="store_true",
                    help="Keep TensorFlow's native start-up lines (CUDA probing, CPU features).")
-    p.add_argument("--trials-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -129,47 +128,17 @@ def main(argv=None):
                 "run.strategy", "a one-machine strategy with --workers (each KerasTuner worker "
                 "trains its own trials; multi_worker trains each trial on all machines, started "
                 "with TF_CONFIG)", "multi_worker")
-        if args.workers:
-            return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
-        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only,
-                            verbose=args.verbose)
+        result = runner.run(cfg, overwrite=args.overwrite, verbose=args.verbose,
+                            workers=args.workers)
     except (config_lib.ConfigError, runner.DirectoryError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except runner.WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
-    return 0 if args.trials_only or worker or result["best"] is not None else 1
-
-
-def _cluster(cfg, args, argv):
-    """Runs this command as a KerasTuner chief plus `--workers` workers."""
-    from tftransfer.search import _guard, _quiet, runner
-
-    with _quiet.native_startup(args.verbose):
-        from tftransfer.distribute import launch_tuning_cluster
-
-    with _guard.search_lock(cfg):  # the chief and workers run under this lock
-        runner.check_directory(cfg["run"]["directory"], cfg, args.overwrite)
-        _guard.check_backbones(cfg)
-        runner.prepare_directory(cfg, overwrite=args.overwrite)
-        child = _without(argv, "--workers", takes_value=True)
-        child = _without(child, "--overwrite", takes_value=False)
-        return launch_tuning_cluster([sys.executable, "-m", "tftransfer.search", *child],
-                                     args.workers)
-
-
-def _without(argv, flag, takes_value):
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = takes_value
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
+    if "exit_code" in result:  # --workers: the chief's and workers' code
+        return result["exit_code"]
+    return 0 if result.get("worker") or result["best"] is not None else 1
 
 
 if __name__ == "__main__":

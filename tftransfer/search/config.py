@@ -14,6 +14,7 @@ Example:
 """
 
 import copy
+import warnings
 
 import yaml
 
@@ -93,7 +94,7 @@ def _string(path, v):
 
 
 
-def _trainable(path, v):
+def _freeze_policy(path, v):
     text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
     if isinstance(v, str):
         kind, _, arg = v.partition(":")
@@ -131,7 +132,7 @@ def _decay(path, v):
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
-    "trainable": (_trainable, "all", "fcri"),
+    "unfreeze": (_freeze_policy, "all", "fcri"),  # what stage 2 trains of the backbone
     "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
     "schedule": (_one_of(SCHEDULES), "constant", "fc"),
@@ -288,7 +289,7 @@ def _range(path, raw, check, forms):
     if "r" not in forms:
         raise ConfigError(path, "no {min, max} range for this knob", raw)
     _keys(path, raw, RANGE_KEYS, ("min", "max"))
-    if path.endswith(".trainable"):
+    if path.endswith(".unfreeze"):
         check = _num(0, 1)  # fraction:F
     lo, hi = check(f"{path}.min", raw["min"]), check(f"{path}.max", raw["max"])
     if not lo < hi:
@@ -326,11 +327,25 @@ def _keys(path, raw, allowed, required):
 def _search_space(raw):
     if not isinstance(raw, dict):
         raise ConfigError("search_space", "a mapping with at least `backbone`", raw)
+    raw = _renamed_unfreeze(raw)
     _no_unknown("search_space", raw, KNOBS)
     if "backbone" not in raw:
         raise ConfigError("search_space.backbone", "a value (this key is required)", None)
     return {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
             for name, (_, default, _) in KNOBS.items()}
+
+
+def _renamed_unfreeze(raw):
+    """`search_space.trainable`, the former name of `unfreeze`: accepted with a warning."""
+    if "trainable" not in raw:
+        return raw
+    if "unfreeze" in raw:
+        raise ConfigError("search_space.trainable", "no `trainable` next to `unfreeze` (its "
+                          "former name); keep `unfreeze` only", raw["trainable"])
+    warnings.warn("`search_space.trainable` is deprecated: it is now `search_space.unfreeze` "
+                  "(what stage 2 of each trial unfreezes). Rename the key; the value is used "
+                  "as `unfreeze`.", DeprecationWarning, stacklevel=4)
+    return {("unfreeze" if k == "trainable" else k): v for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------- public API

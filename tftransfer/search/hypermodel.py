@@ -12,17 +12,15 @@ import gc
 import hashlib
 import json
 import math
-import os
 
 import keras
 import keras_tuner as kt
-from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+from keras_tuner.src.engine.tuner_utils import SaveBestEpoch  # private: see _WholeModel
 
 from tftransfer.finetuner import build_finetuner
 from tftransfer.train import fine_tune
 
-BUILD_KNOBS = ("backbone", "trainable", "optimizer", "dropout", "hidden_units",
-               "label_smoothing")
+BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing")
 FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
              "fine_tune_warmup")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
@@ -46,7 +44,7 @@ def sample(hp, name, spec):
             `{min, max, sampling, step}` or `{int_min, int_max, step}`.
 
     Returns:
-        The value, decoded (`hidden_units` a list, `trainable` a policy string).
+        The value, decoded (`hidden_units` a list, `unfreeze` a freeze policy string).
     """
     if not isinstance(spec, dict):
         return spec
@@ -59,10 +57,10 @@ def sample(hp, name, spec):
         return hp.Choice(name, spec["choice"])
     if "int_min" in spec:
         value = hp.Int(name, spec["int_min"], spec["int_max"], step=spec["step"])
-        return f"top:{value}" if name == "trainable" else value
+        return f"top:{value}" if name == "unfreeze" else value
     value = hp.Float(name, spec["min"], spec["max"], step=spec["step"],
                      sampling=spec["sampling"])
-    return f"fraction:{value:.4g}" if name == "trainable" else value
+    return f"fraction:{value:.4g}" if name == "unfreeze" else value
 
 
 class FineTuneHyperModel(kt.HyperModel):
@@ -76,9 +74,9 @@ class FineTuneHyperModel(kt.HyperModel):
         strategy_name: The config name of the strategy, written to the best
             hyperparameters.
         feature_cache_dir: Directory of the frozen-backbone features that
-            the trials share (`fine_tune`'s `feature_cache_dir`). Defaults to
-            `features/` in the search directory (the parent of the trial
-            folders KerasTuner checkpoints into).
+            the trials share (`fine_tune`'s `feature_cache_dir`), or None
+            (no cache). The search's tuner sets it to `features/` in its
+            `project_dir` (`tftransfer.search.tuners.SearchTuner`).
         seed: Optional integer. Each trial then seeds Keras, NumPy and
             Python's `random` from it and its hyperparameter values, so a
             trial's result depends on its values only and a rerun of the
@@ -120,12 +118,13 @@ class FineTuneHyperModel(kt.HyperModel):
         """Returns `(build_finetuner kwargs, fine_tune kwargs)` for this trial."""
         v = self.values(hp)
         build = {k: v[k] for k in BUILD_KNOBS}
-        build.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
+        build.update(trainable=v["unfreeze"],  # the freeze policy the recipe records
+                     num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
                      regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
                      learning_rate=self._learning_rate(v), strategy=self.strategy_name,
                      **self.precision)
         fit = {k: v[k] for k in FIT_KNOBS}
-        fit.update(unfreeze=v["trainable"], batch_size=v["batch_size"] * self.replicas)
+        fit.update(unfreeze=v["unfreeze"], batch_size=v["batch_size"] * self.replicas)
         return build, fit
 
     def _learning_rate(self, v):
@@ -205,7 +204,7 @@ class FineTuneHyperModel(kt.HyperModel):
         if initial_epoch < settings["head_epochs"] + settings["fine_tune_epochs"]:
             settings["initial_epoch"] = initial_epoch
         train, validation = self.data.batched(settings["batch_size"], self.replicas)
-        settings["feature_cache_dir"] = self.feature_cache_dir or _features_dir(callbacks)
+        settings["feature_cache_dir"] = self.feature_cache_dir
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
         try:  # fine_tune enters the model's strategy
@@ -218,14 +217,6 @@ class FineTuneHyperModel(kt.HyperModel):
                          "global_batch_size": settings["batch_size"]}
         _check_finite(history)
         return history
-
-
-def _features_dir(callbacks):
-    """`features/` in the search directory, found from KerasTuner's checkpoint path."""
-    for c in callbacks or []:
-        if isinstance(c, SaveBestEpoch):  # <search directory>/trial_<id>/checkpoint...
-            return os.path.join(os.path.dirname(os.path.dirname(c.filepath)), FEATURES_DIR)
-    return None
 
 
 def _regularizer(kind, strength):
@@ -244,7 +235,13 @@ def _check_finite(history):
 
 
 class _WholeModel(keras.callbacks.Callback):
-    """Runs KerasTuner's `SaveBestEpoch` on the whole model, in both stages."""
+    """Runs KerasTuner's `SaveBestEpoch` on the whole model, in both stages.
+
+    `SaveBestEpoch` is private to KerasTuner (`keras_tuner.src`), and there is
+    no public way to tell `Tuner.run_trial`'s checkpoint which model to save:
+    stage 1 may train the head alone on cached features, and this callback
+    makes the checkpoint hold the whole model (docs/private_hooks.md).
+    """
 
     def __init__(self, inner, model):
         super().__init__()
