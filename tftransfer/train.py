@@ -231,7 +231,7 @@ def _stage2(model, data, base_lr, start, state, settings):
         return {}
     lr = _stage2_rate.stage2_rate(model, settings.fine_tune_learning_rate, settings.lr_factor,
                                   settings.fine_tune_warmup, _feature_cache.batches(data.train),
-                             settings.fine_tune_epochs)
+                                  settings.fine_tune_epochs)
     model.freeze(settings.unfreeze, freeze_batchnorm=settings.freeze_batchnorm)
     model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay)
     done = max(0, settings.initial_epoch - settings.head_epochs)  # stage-2 epochs run before
