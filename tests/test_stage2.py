@@ -1,11 +1,14 @@
 """Stage 2 of fine_tune: the default recipe does not collapse; its rate takes any schedule."""
 
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import SAVED
+from conftest import ROOT, SAVED
 
 from tftransfer import build_finetuner, fine_tune, optim
 from tftransfer.datasets import few_shot_split
@@ -94,3 +97,27 @@ def test_warmup_schedule_values_and_json_round_trip():
         assert [float(again(s)) for s in steps] == pytest.approx(expected)
         full = [float(rate(s)) if callable(rate) else rate for s in steps]
         assert expected == pytest.approx([f * min(1, (s + 1) / 4) for s, f in zip(steps, full)])
+
+
+_RELOAD = """
+import json, sys
+import keras, numpy as np
+import tftransfer  # noqa: F401  (registers WarmupSchedule and the layer-wise optimizers)
+model = keras.models.load_model(sys.argv[1])
+data = np.load(sys.argv[2])
+model.train_on_batch(data["x"], data["y"])
+print(json.dumps(model.optimizer.get_config()["learning_rate"]["class_name"]))
+"""
+
+
+def test_model_after_default_stage2_reloads_and_trains_in_a_new_process(small_batch, tmp_path):
+    model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+    fine_tune(model, small_batch, head_epochs=0, fine_tune_epochs=1, batch_size=8, verbose=0)
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=small_batch[0][:8], y=small_batch[1][:8])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "m.keras"),
+                           str(tmp_path / "d.npz")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == "WarmupSchedule"

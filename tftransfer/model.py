@@ -215,30 +215,36 @@ class FineTuner(keras.Model):
         A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
         and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
         bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
-        (30x) from the head to the bottom layer, whatever the depth:
-        `decay = (1 / 30) ** (1 / layers)`.
+        (30x) from the head to the bottom layer of the whole backbone
+        (BatchNormalization aside), whatever the depth:
+        `decay = (1 / 30) ** (1 / layers)`; with `"top:N"` only the top N
+        train, at the rates of their depth.
         """
         groups = self._depth_groups()
         if isinstance(decay, str):  # "auto"
-            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, len(groups)))
+            depth = len(self._depth_groups(trainable_only=False))
+            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, depth))
         multipliers = {}
         for depth, keys in enumerate(reversed(groups), start=1):
             for key in keys:
                 multipliers[key] = float(decay) ** depth
         return multipliers
 
-    def _depth_groups(self):
-        """Lists of `"<layer>/<variable>"` keys of the trainable backbone, bottom to top."""
+    def _depth_groups(self, trainable_only=True):
+        """Lists of `"<layer>/<variable>"` keys of the trainable backbone (or of
+        all of it, BatchNormalization aside), bottom to top."""
         groups = []
         for layer in freezing.leaf_layers(self._backbone):
-            if not layer.trainable_weights:
+            weights = layer.trainable_weights if trainable_only else (
+                [] if isinstance(layer, keras.layers.BatchNormalization) else layer.weights)
+            if not weights:
                 continue
             if not isinstance(layer, HubLayer):
-                groups.append([f"{layer.name}/{v.name}" for v in layer.trainable_weights])
+                groups.append([f"{layer.name}/{v.name}" for v in weights])
                 continue
             by_prefix = {}
-            for v in layer.trainable_weights:
-                prefix = re.split(r"__|/", v.name)[0] if re.search(r"__|/", v.name) else v.name
+            for v in weights:
+                prefix = re.split(r"__|/", v.name)[0]  # conv1__kernel -> conv1
                 by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
             groups += list(by_prefix.values())
         return groups
