@@ -121,3 +121,30 @@ def test_model_after_default_stage2_reloads_and_trains_in_a_new_process(small_ba
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == "WarmupSchedule"
+
+
+def test_auto_layerwise_rates_span_the_backbone_depth():
+    model = build_finetuner(DIGITS, num_classes=5)
+    model.freeze("all")
+    third = 30 ** (-1 / 3)
+    assert model.layerwise_multipliers("auto") == pytest.approx(
+        {"conv3/kernel": third, "conv2/kernel": third ** 2, "conv1/kernel": 1 / 30})
+    model.freeze("top:1")  # the top layer keeps the rate of its depth
+    assert model.layerwise_multipliers("auto") == pytest.approx({"conv3/kernel": third})
+
+
+def test_layerwise_rates_reach_hub_layer_variables(small_batch):
+    x, y = small_batch[0][:8], small_batch[1][:8]
+    moved = {}
+    for decay in (None, 0.5):
+        keras.utils.set_random_seed(0)
+        model = build_finetuner(str(SAVED / "digits_cnn_hub"), num_classes=5)
+        model.freeze("all")
+        model.compile_stage(1e-3, layerwise_lr_decay=decay)
+        model.run_eagerly = True  # one step: tracing would cost more than it runs
+        conv1 = next(w for w in model.backbone.weights if w.name == "conv1__kernel")
+        before = np.array(conv1)
+        model.train_on_batch(x, y)
+        moved[decay] = float(np.max(np.abs(np.array(conv1) - before)))
+    # Adam's first step moves each weight by about its rate: conv1 is 6 groups down (0.5**6).
+    assert moved[0.5] < 0.05 * moved[None], moved
