@@ -227,7 +227,7 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 
 
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
-                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay=None,
+                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay="auto",
                         freeze_batchnorm=None, batch_size=32, shuffle=True, early_stopping=3,
                         overwrite=False, initial_epoch=0, keep_best_stage=True):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.
@@ -241,8 +241,10 @@ def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfree
     if is_real(fine_tune_learning_rate):
         check_float(fine_tune_learning_rate, "fine_tune_learning_rate", low=0.0, low_open=True)
     check_float(lr_factor, "lr_factor", low=0.0, high=1.0, low_open=True)
-    check_float(layerwise_lr_decay, "layerwise_lr_decay", low=0.0, high=1.0, low_open=True,
-                allow_none=True)
+    if layerwise_lr_decay not in (None, "auto") and not (
+            is_real(layerwise_lr_decay) and 0 < layerwise_lr_decay <= 1):
+        raise invalid("layerwise_lr_decay", 'a finite float in (0, 1], "auto" or None',
+                      layerwise_lr_decay)
     check_int(batch_size, "batch_size", minimum=1)
     last = max(1, head_epochs + fine_tune_epochs) - 1
     if not (is_int(initial_epoch) and 0 <= initial_epoch <= last):

@@ -23,6 +23,7 @@ Example:
 """
 
 import copy
+import re
 import warnings
 
 import keras
@@ -34,6 +35,10 @@ from tftransfer._names import DTYPE_POLICIES
 from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
+# `layerwise_lr_decay="auto"`: the head learns this many times faster than the
+# bottom backbone layer (fastai's `slice(lr / 100, lr)` spans 100x; 30x gained
+# more on bench/two_stage.py).
+AUTO_LR_RANGE = 30.0
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
 INPUT_RANGE = (0.0, 255.0)
 
@@ -191,7 +196,8 @@ class FineTuner(MultiWorkerSteps, keras.Model):
             learning_rate: Float or schedule; defaults to the base rate.
             layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
                 backbone layer from the top learns at `rate * decay**k`, the
-                head at `rate`.
+                head at `rate`; `"auto"` spreads the backbone's rates over
+                30x (see `layerwise_multipliers`).
 
         Returns:
             A `keras.optimizers.Optimizer` (serializable with its rates).
@@ -207,13 +213,44 @@ class FineTuner(MultiWorkerSteps, keras.Model):
 
     def layerwise_multipliers(self, decay):
         """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
-        k=1 at the top (the keys survive save and reload)."""
-        layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
+        k=1 at the top (the keys survive save and reload).
+
+        A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
+        and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
+        bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
+        (30x) from the head to the bottom layer of the whole backbone
+        (BatchNormalization aside), whatever the depth:
+        `decay = (1 / 30) ** (1 / layers)`; with `"top:N"` only the top N
+        train, at the rates of their depth.
+        """
+        groups = self._depth_groups()
+        if isinstance(decay, str):  # "auto"
+            depth = len(self._depth_groups(trainable_only=False))
+            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, depth))
         multipliers = {}
-        for depth, layer in enumerate(reversed(layers), start=1):
-            for variable in layer.trainable_weights:
-                multipliers[f"{layer.name}/{variable.name}"] = float(decay) ** depth
+        for depth, keys in enumerate(reversed(groups), start=1):
+            for key in keys:
+                multipliers[key] = float(decay) ** depth
         return multipliers
+
+    def _depth_groups(self, trainable_only=True):
+        """Lists of `"<layer>/<variable>"` keys of the trainable backbone (or of
+        all of it, BatchNormalization aside), bottom to top."""
+        groups = []
+        for layer in freezing.leaf_layers(self._backbone):
+            weights = layer.trainable_weights if trainable_only else (
+                [] if isinstance(layer, keras.layers.BatchNormalization) else layer.weights)
+            if not weights:
+                continue
+            if not isinstance(layer, HubLayer):
+                groups.append([f"{layer.name}/{v.name}" for v in weights])
+                continue
+            by_prefix = {}
+            for v in weights:
+                prefix = re.split(r"__|/", v.name)[0]  # conv1__kernel -> conv1
+                by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
+            groups += list(by_prefix.values())
+        return groups
 
     def _bind(self, optimizer):
         """Binds layer-wise rates (keyed by layer and variable name) to this model's variables."""

@@ -136,7 +136,11 @@ def _jit_compile(path, v):
 
 
 def _decay(path, v):
-    return None if v is None else _num(0, 1, lo_open=True)(path, v)
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, str):
+        raise ConfigError(path, "a number > 0 and <= 1, 'auto' or null", v)
+    return _num(0, 1, lo_open=True)(path, v)
 
 
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
@@ -154,8 +158,9 @@ KNOBS = {
     "batch_size": (_num(1, integer=True), 32, "fci"),
     "head_epochs": (_num(0, integer=True), 5, "fci"),
     "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
-    "layerwise_lr_decay": (_decay, None, "fcr"),
+    "layerwise_lr_decay": (_decay, "auto", "fcr"),
     "lr_factor": (_num(0, 1, lo_open=True), 0.1, "fcr"),
+    "fine_tune_warmup": (_num(0), 1.0, "fcr"),
 }
 
 # ------------------------------------------------------------------ sections

@@ -22,7 +22,8 @@ from tftransfer.search import control
 from tftransfer.train import fine_tune
 
 BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing")
-FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
+FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
+             "fine_tune_warmup")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
 
@@ -51,6 +52,9 @@ def sample(hp, name, spec):
     if "choice" in spec:
         if name == "hidden_units":
             return _decode_units(hp.Choice(name, [_encode_units(u) for u in spec["choice"]]))
+        if len({type(v) for v in spec["choice"]}) > 1:  # e.g. layerwise_lr_decay: auto or 0.5
+            value = hp.Choice(name, [str(v) for v in spec["choice"]])
+            return next(v for v in spec["choice"] if str(v) == value)
         return hp.Choice(name, spec["choice"])
     if "int_min" in spec:
         value = hp.Int(name, spec["int_min"], spec["int_max"], step=spec["step"])
