@@ -74,15 +74,24 @@ def test_custom_normalization_round_trips_through_model_keras(tmp_path):
     expected = (x[..., ::-1] - norm["mean"]) / norm["std"]
     np.testing.assert_allclose(model.preprocessing(x), expected, rtol=1e-5, atol=1e-5)
     model.save(tmp_path / "m.keras")
+    layer = keras.layers.Normalization(mean=[100.0] * 3, variance=[900.0] * 3)
+    as_layer = build_finetuner(DIGITS, num_classes=2, preprocessing=layer)
+    np.testing.assert_allclose(as_layer.preprocessing(x), (x - 100) / 30, rtol=1e-4, atol=1e-4)
+    as_layer.save(tmp_path / "layer.keras")
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    np.save(tmp_path / "z.npy", as_layer.predict(x, verbose=0))
     script = ("import sys, keras, numpy as np, tftransfer\n"
               "d = sys.argv[1]\n"
               "m = keras.models.load_model(d + '/m.keras')\n"
               "assert m.preprocessing.mode == {'mean': [120.0, 110.0, 100.0], 'std': "
               "[60.0, 50.0, 40.0], 'channel_order': 'bgr'}, m.preprocessing.mode\n"
               "np.testing.assert_allclose(m.predict(np.load(d + '/x.npy'), verbose=0), "
-              "np.load(d + '/y.npy'), atol=1e-5)\n")
+              "np.load(d + '/y.npy'), atol=1e-5)\n"
+              "m = keras.models.load_model(d + '/layer.keras')\n"
+              "assert isinstance(m.preprocessing.layer, keras.layers.Normalization)\n"
+              "np.testing.assert_allclose(m.predict(np.load(d + '/x.npy'), verbose=0), "
+              "np.load(d + '/z.npy'), atol=1e-5)\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=300)

@@ -13,6 +13,8 @@ Example:
 import numpy as np
 import tensorflow as tf
 
+from tftransfer._checks import invalid
+
 # Formats `tf.io.decode_image` reads, by the first bytes of the file.
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
@@ -95,8 +97,8 @@ def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
         return image
     if channels not in (1, 3, 4) or have not in (None, 1, 2, 3, 4):
         allowed = sorted({1, 3, 4, have} - {None}) if have in (None, 1, 2, 3, 4) else [have]
-        raise ValueError(f"Invalid `channels`: expected one of {allowed} for images with "
-                         f"{have or '1-4'} channels. Received: channels={channels}")
+        raise invalid("channels", f"one of {allowed} for images with {have or '1-4'} channels",
+                      channels)
     n = tf.shape(image)[-1]
     has_rgb = n >= 3
     if channels == 1:  # a conditional: cheaper than computing gray from RGB for all

@@ -2,7 +2,7 @@
 
 import keras
 
-from tftransfer import _checks, heads, optim
+from tftransfer import _checks, heads, optim, tasks
 from tftransfer.backbones import load_backbone
 from tftransfer.distribute import scope
 from tftransfer.model import FineTuner
@@ -66,8 +66,8 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         preprocessing: Override the backbone's preprocessing mode (`"none"`,
             `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`), or any other
             normalization as `{"mean": [...], "std": [...],
-            "channel_order": "rgb" or "bgr"}` in 0-255 units; saved with the
-            model.
+            "channel_order": "rgb" or "bgr"}` in 0-255 units, or a Keras
+            layer taking 0-255 pixels; saved with the model.
         freeze_batchnorm: Keep BatchNormalization layers in inference mode
             even where the backbone trains. Defaults to `True`.
         regularize_backbone: Also regularize the backbone's kernels.
@@ -99,9 +99,12 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     """
     if num_classes is None and class_names is not None and not isinstance(class_names, str):
         num_classes = len(class_names)
-    num_classes, hidden_units = _checks.finetuner_arguments(**locals())
+    num_classes, hidden_units = _checks.finetuner_arguments(
+        num_classes=num_classes, input_shape=input_shape, dropout=dropout,
+        hidden_units=hidden_units, label_smoothing=label_smoothing, weight_decay=weight_decay,
+        pooling=pooling)
+    task = tasks.check_task(task)
     num_classes = heads.check_num_classes(num_classes, task)
-    heads.TASKS.lookup(task)
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,

@@ -10,7 +10,9 @@ that selects no layer with weights is refused, naming a few layers.
 BatchNormalization layers of a frozen part keep `trainable=False`, which in
 Keras 3 also runs them in inference mode: their moving statistics never change.
 With `freeze_batchnorm=True` (the default of `build_finetuner`, and the advice of
-the Keras transfer-learning guide) they stay frozen even inside a trainable part.
+the Keras transfer-learning guide) they stay frozen even inside a trainable part;
+a `HubLayer` (whose BatchNorm is inside the SavedModel) is then called with
+`training=False` while its variables train.
 
 Example:
 
@@ -197,6 +199,8 @@ def apply(backbone, policy="none", freeze_batchnorm=True, argument="trainable"):
     backbone.trainable = True  # Containers stay trainable; leaves decide.
     for layer in layers:
         layer.trainable = id(layer) in chosen
+        if hasattr(layer, "freeze_batchnorm"):  # a HubLayer: its BatchNorm is inside
+            layer.freeze_batchnorm = bool(freeze_batchnorm)
     if not any(layer.trainable for layer in layers):
         backbone.trainable = False
     return sum(1 for layer in layers if layer.trainable and layer.weights)

@@ -173,6 +173,11 @@ class HubLayer(keras.layers.Layer):
             feeds. Defaults to the signature's only input.
         tags: Optional list of MetaGraph tags (TF1 SavedModels), e.g.
             `["serve"]`.
+        freeze_batchnorm: Boolean, call the SavedModel in inference mode
+            (`training=False`) even while its variables train, so its
+            BatchNormalization keeps the pretrained moving statistics (its
+            dropout is off too). `tftransfer.freezing.apply` sets it from
+            its own `freeze_batchnorm`. Defaults to `False`.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, which
             defaults to `"float32"`: the SavedModel's dtypes are fixed).
 
@@ -184,7 +189,7 @@ class HubLayer(keras.layers.Layer):
 
     def __init__(self, handle, trainable=False, arguments=None, *, signature=None,
                  signature_outputs_as_dict=False, output_key=None, output_shape=None,
-                 input_key=None, tags=None, **kwargs):
+                 input_key=None, tags=None, freeze_batchnorm=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(trainable=trainable, **kwargs)
         handle = os.fspath(handle)
@@ -196,6 +201,7 @@ class HubLayer(keras.layers.Layer):
         self.output_key = output_key
         self.input_key = input_key
         self.tags = list(tags) if tags is not None else None
+        self.freeze_batchnorm = bool(freeze_batchnorm)
         self._shapes_config = _plain_shapes(output_shape)
         self._shapes = None if output_shape is None else _tensor_shapes(self._shapes_config)
         self._load()
@@ -298,7 +304,8 @@ class HubLayer(keras.layers.Layer):
     # ------------------------------------------------------------ calling
 
     def call(self, inputs, training=None):
-        outputs = self._forward(inputs, bool(training) and self.trainable)
+        training = bool(training) and self.trainable and not self.freeze_batchnorm
+        outputs = self._forward(inputs, training)
         if self.trainable:  # The publisher's weight penalties train with the weights.
             for loss in self._regularization_losses:
                 self.add_loss(loss())
@@ -406,6 +413,7 @@ class HubLayer(keras.layers.Layer):
             output_shape=self._shapes_config,
             input_key=self.input_key,
             tags=self.tags,
+            freeze_batchnorm=self.freeze_batchnorm,
         )
         return config
 
@@ -443,7 +451,8 @@ class ImagePreprocessing(keras.layers.Layer):
             `{"mean": [...], "std": [...], "channel_order": "rgb"}` for any
             other normalization: `(pixels - mean) / std`, both in 0-255
             units (a number or one per channel; defaults 0 and 1), after
-            reordering the channels to `"bgr"` if asked.
+            reordering the channels to `"bgr"` if asked; or a Keras layer
+            taking 0-255 pixels (saved with the model, weights included).
 
     Example:
         >>> ImagePreprocessing({"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]})
@@ -451,10 +460,22 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode="none", **kwargs):
         super().__init__(**kwargs)
-        self.mode = _check_mode(mode)
+        self.layer = None
+        if isinstance(mode, keras.layers.Layer):  # kept in the config as Keras serializes it
+            mode = {"layer": keras.saving.serialize_keras_object(mode)}
+        if isinstance(mode, dict) and set(mode) == {"layer"}:
+            self.layer, self.mode = keras.saving.deserialize_keras_object(mode["layer"]), mode
+        else:
+            self.mode = _check_mode(mode)
+
+    def build(self, input_shape):
+        if self.layer is not None and not self.layer.built:
+            self.layer.build(input_shape)
 
     def call(self, images):
         x = keras.ops.cast(images, self.compute_dtype)
+        if self.layer is not None:
+            return self.layer(x)
         if self.mode == "none":
             return x
         if self.mode == "tf":

@@ -25,7 +25,7 @@ import warnings
 import yaml
 
 from tftransfer._lock import LOCK_FILE, atomic_write_json, atomic_write_text
-from tftransfer.search import _guard, _quiet, report
+from tftransfer.search import _guard, _quiet, control, report
 from tftransfer.search import config as config_lib
 from tftransfer.search._pool import WorkerError  # noqa: F401  (raised by run)
 
@@ -39,7 +39,8 @@ WORKERS_DIR = "workers"  # the other workers' searches, under multi_worker
 # Keys that may change between runs of one search: raising max_trials extends it.
 _RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
               ("run", "isolate_trials"), ("run", "worker_max_trials"),
-              ("run", "worker_max_rss_growth_mb"), ("run", "export_formats"))
+              ("run", "worker_max_rss_growth_mb"), ("run", "export_formats"),
+              ("run", "max_time"), ("run", "stop_after"))
 CLUSTER_ROLE = "KERASTUNER_TUNER_ID"  # set by `--workers` in the chief and workers it launches
 
 
@@ -305,7 +306,8 @@ def build_tuner(cfg, data, out, strategy=None, hooks=()):
     hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
                                     cfg["run"]["strategy"], seed=cfg["tuner"]["seed"],
                                     dtype_policy=cfg["run"]["dtype_policy"],
-                                    jit_compile=cfg["run"]["jit_compile"])
+                                    jit_compile=cfg["run"]["jit_compile"],
+                                    objective=cfg["tuner"]["objective"])
     hooks = [*trial_hooks(cfg), *hooks]
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
         tuner = make_tuner(cfg, hypermodel, cfg["run"]["directory"], out, hooks)
@@ -318,9 +320,10 @@ def trial_hooks(cfg):
     Each is an object with optional `on_trial_begin(tuner, trial)` and
     `on_trial_end(tuner, trial)` (`tftransfer.search.tuners.SearchTuner`); a
     hook may end the search with `tuner.oracle.stop()`. The trial line and
-    `seconds_per_trial.json` are the tuner's own; none more yet.
+    `seconds_per_trial.json` are the tuner's own; `control.SearchControl` logs
+    TensorBoard, HParams and trials.csv and enforces `run.max_time` / `run.stop_after`.
     """
-    return []
+    return [control.SearchControl.of(cfg)]
 
 
 def _for_this_worker(cfg, verbose):
@@ -368,6 +371,7 @@ def prepare_directory(cfg, overwrite=False):
     _guard.remove_leftovers(directory)
     atomic_write_text(os.path.join(directory, CONFIG_FILE), config_lib.dump(cfg))
     _guard.write_fingerprint(directory, cfg["data"])
+    control.start_clock(directory)  # run.max_time counts from here
 
 
 @contextlib.contextmanager
@@ -398,13 +402,18 @@ def finish(cfg, tuner, hypermodel, data, out):
     from tftransfer import distribute
 
     directory = cfg["run"]["directory"]
-    objective = cfg["tuner"]["objective"]
+    objective = cfg["tuner"]["objective"]["name"]
     direction = tuner.oracle.objective.direction
     rows = _rows(tuner)
     ranked = report.ranked(rows, direction)
     best = ranked[0] if ranked and ranked[0]["score"] is not None else None
     report.write_markdown(os.path.join(directory, "report.md"), rows, objective, direction, best)
     report.write_plot(os.path.join(directory, "trials.png"), rows, objective, direction)
+    from tftransfer import report_html
+
+    report_html.write_search_report(os.path.join(directory, "report.html"), rows, objective,
+                                    direction, best)
+    control.write_trials_csv(directory, rows)
     out(report.table(rows, objective, direction))
     result = {"directory": directory, "rows": rows, "best": best, "export": None,
               "tuner": tuner}
