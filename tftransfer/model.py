@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import freezing, heads, optim
+from tftransfer import _text_backbones, freezing, heads, optim
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -51,7 +51,9 @@ class FineTuner(keras.Model):
         task: `"classification"`, `"multi_label"` or `"regression"`.
         preprocessing: The backbone's input preprocessing, an
             `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
-            `"rescale:<scale>,<offset>"`).
+            `"rescale:<scale>,<offset>"`); for text backbones a layer taking
+            strings (a BERT preprocessor `HubLayer` or `TextInput`), and then
+            the model's input is a batch of strings.
         hidden_units: Sequence of integers, ReLU layers in the head.
         dropout: Float in [0, 1), dropout in the head.
         regularizer: Optional Keras regularizer (or identifier) of the head's
@@ -75,14 +77,16 @@ class FineTuner(keras.Model):
         if policy is not None:
             _set_dtype_policy(backbone, policy)
         # === Layers ===
-        preprocessing_layer = ImagePreprocessing(preprocessing, name="preprocessing")
+        text = _text_backbones.model_input(backbone, preprocessing)  # (string Input, layer)
+        inputs, preprocessing_layer = text or (
+            keras.Input(backbone.input_shape[1:], name="image"),
+            ImagePreprocessing(preprocessing, name="preprocessing"))
         backbone.name = "backbone"
         head = heads.build_head(backbone.output_shape[1:], num_classes, task=task,
                                 hidden_units=tuple(hidden_units), dropout=dropout,
                                 regularizer=optim.get_regularizer(regularizer),
                                 pooling=pooling, dtype=policy)
         # === Functional model ===
-        inputs = keras.Input(backbone.input_shape[1:], name="image")
         outputs = head(backbone(preprocessing_layer(inputs)))
         kwargs.pop("dtype", None)
         super().__init__(inputs=inputs, outputs=outputs, name=name, dtype=policy, **kwargs)
@@ -325,7 +329,7 @@ class FineTuner(keras.Model):
             "backbone": keras.saving.serialize_keras_object(self._backbone),
             "num_classes": self._num_classes,
             "task": self._task,
-            "preprocessing": self._preprocessing.mode,
+            "preprocessing": _text_backbones.preprocessing_config(self._preprocessing),
             **self._head_config,
             "class_names": self.class_names,
             "source": self._source,
