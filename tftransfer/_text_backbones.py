@@ -3,11 +3,15 @@
 Three forms of text backbone become the same kind of `FineTuner` (string in,
 scores out), detected from the source itself:
 
-| source | detected by | preprocessing | backbone |
-| --- | --- | --- | --- |
-| text embedding SavedModel (TF-Hub) | its function takes `tf.string [batch]` | `TextInput` (strings pass through) | `HubLayer`: strings -> vector |
-| BERT-style encoder + `preprocessor=` | its function takes a dict with `input_word_ids` | the preprocessor (`HubLayer`: strings -> dict) | `HubLayer`: dict -> `pooled_output` (or `output_key`) |
-| Keras `.keras` / `.h5` with `TextVectorization` | its `Input` is a string | `TextInput` | the Keras model, per layer |
+- a text embedding SavedModel (TF-Hub), whose function takes `tf.string [batch]`:
+  the backbone is its `HubLayer` (strings -> vector), the preprocessing a
+  `TextInput` (strings pass through);
+- a BERT-style encoder, whose function takes a dict with `input_word_ids`, plus
+  `preprocessor=`: the preprocessing is the preprocessor's `HubLayer` (strings
+  -> dict), the backbone the encoder's (dict -> `pooled_output`, or `output_key`);
+- a Keras `.keras` / `.h5` model whose `Input` is a string (it holds its own
+  `TextVectorization`): the backbone is the model (it freezes per layer), the
+  preprocessing a `TextInput`.
 
 The preprocessor sits inside the model as its `preprocessing` layer, so
 training, export and prediction tokenize alike, and the model saves and

@@ -15,8 +15,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _folders, _images, _pipeline, _settings
-from tftransfer import _text_data
+from tftransfer import _checks, _folders, _images, _pipeline, _settings, _text_data
 from tftransfer._text_data import TextData, from_csv, from_text_arrays, from_text_directory  # noqa: F401
 
 IMAGE_EXTENSIONS = _images.EXTENSIONS

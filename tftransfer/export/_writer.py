@@ -47,11 +47,13 @@ from tftransfer.export._contract import (
     METADATA_FILE,
     PRIMARY_OUTPUTS,
     TASKS,
+    TEXTS_INPUT,
     TFLITE_TOLERANCE,
     WARMUP_FILE,
     encode_png,
     existing_versions,
     sample_images,
+    sample_texts,
 )
 from tftransfer.model import FineTuner
 
@@ -65,6 +67,7 @@ class _Spec:
     output_shape: tuple
     class_names: tuple
     top_k: int
+    text: bool = False  # the model takes strings: `serving_default(texts)`
 
     @property
     def num_outputs(self):
@@ -137,7 +140,9 @@ def model_info(model):
     preprocessing and recipe; for another model, its `tftransfer_info` dict."""
     if isinstance(model, FineTuner):
         return {"task": model.task, "class_names": model.class_names,
-                "backbone": model.source, "preprocessing": model.preprocessing.mode,
+                "backbone": model.source,
+                "preprocessing": getattr(model.preprocessing, "mode", None)
+                or type(model.preprocessing).__name__,  # a text model's preprocessing layer
                 "hyperparameters": model.recipe}
     return dict(getattr(model, "tftransfer_info", None) or {})
 
@@ -146,6 +151,7 @@ def _make_spec(model, class_names, task, top_k):
     """Checks the model and arguments; returns the `_Spec`."""
     input_shape, output_shape = _model_shapes(model)
     info = model_info(model)
+    text = input_shape is None
     task = task or info.get("task") or _infer_task(model)
     if task not in TASKS:
         expected = f"must be one of {TASKS} (or None to infer it)"
@@ -156,7 +162,7 @@ def _make_spec(model, class_names, task, top_k):
         raise ValueError(f"A {task} model must output [batch, n]; this "
                          f"model outputs {(None,) + output_shape}.")
     names = class_names if class_names is not None else info.get("class_names")
-    spec = _Spec(task, input_shape, output_shape, (), top_k)
+    spec = _Spec(task, input_shape, output_shape, (), top_k, text)
     names = _check_class_names(names, spec)
     return dataclasses.replace(spec, class_names=names)
 
@@ -167,6 +173,8 @@ def _model_shapes(model):
     if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
         raise ValueError("export_for_serving needs a built keras.Model with "
                          "one image input and one output.")
+    if str(inputs[0].dtype) == "string":  # a text model: a batch of strings, no shape
+        return None, tuple(outputs[0].shape[1:])
     shape = tuple(inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in shape[1:]):
         raise ValueError("The model input must be [None, H, W, C] with known "
@@ -249,6 +257,8 @@ def _save_savedmodel(model, spec, path):
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if spec.text:
+        return _save_text_signature(archive, model, spec, path)
     image_spec = tf.TensorSpec((None,) + spec.input_shape, tf.float32,
                                name=IMAGES_INPUT)
 
@@ -269,6 +279,17 @@ def _save_savedmodel(model, spec, path):
                       f"decoded to {spec.input_shape[-1]} channels.")
     archive.write_out(str(path), verbose=False)
     return names
+
+
+def _save_text_signature(archive, model, spec, path):
+    """`serving_default(texts)`: strings in, the preprocessor inside the model."""
+    def serving_default(texts):
+        return _serving_outputs(model, spec, texts)
+
+    archive.add_endpoint(DEFAULT_SIGNATURE, serving_default,
+                         [tf.TensorSpec((None,), tf.string, name=TEXTS_INPUT)])
+    archive.write_out(str(path), verbose=False)
+    return [DEFAULT_SIGNATURE]
 
 
 def _serving_outputs(model, spec, images):
@@ -323,8 +344,8 @@ def _write_warmup(path, spec, signatures):
                       "requests written (pip install tensorflow-serving-api).")
         return 0
     shape = spec.input_shape
-    requests = [(DEFAULT_SIGNATURE, IMAGES_INPUT, sample_images(shape, b, b))
-                for b in (1, 2)]
+    requests = [(DEFAULT_SIGNATURE, TEXTS_INPUT, sample_texts(b, b)) if spec.text else
+                (DEFAULT_SIGNATURE, IMAGES_INPUT, sample_images(shape, b, b)) for b in (1, 2)]
     if BYTES_SIGNATURE in signatures:
         png = encode_png(sample_images(shape)[0])
         requests.append((BYTES_SIGNATURE, BYTES_INPUT, np.array([png], object)))
@@ -382,8 +403,9 @@ def _metadata(model, spec, version, metadata, signatures, records, extras):
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": version,
         "task": spec.task,
-        "input": {"name": IMAGES_INPUT, "shape": [None, *spec.input_shape],
-                  "dtype": "float32", "value_range": [0, 255]},
+        "input": {"name": TEXTS_INPUT, "shape": [None], "dtype": "string"} if spec.text else
+        {"name": IMAGES_INPUT, "shape": [None, *spec.input_shape], "dtype": "float32",
+         "value_range": [0, 255]},
         "output_shape": [None, *spec.output_shape],
         "class_names": list(spec.class_names),
         "top_k": min(spec.top_k, spec.num_outputs),

@@ -26,6 +26,7 @@ from tftransfer import _images, _pipeline
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner
+from tftransfer.predict import _text
 
 _TASKS = _contract.TASKS
 
@@ -60,7 +61,12 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
     top_k = _check_positive_int("top_k", top_k)
     batch_size = _check_positive_int("batch_size", batch_size)
     predictor = _Predictor.of(model)
-    batches, paths, count = _inputs(images, predictor, batch_size)
+    if predictor.text:  # a text model: sentences, .txt files or folders of them
+        items = _text.text_items(images)
+        batches, count = _text.text_batches(items, batch_size), len(items)
+        paths = [path if path else None for _, path in items]
+    else:
+        batches, paths, count = _inputs(images, predictor, batch_size)
     progress = keras.utils.Progbar(count, unit_name="image") if _show(verbose, count,
                                                                      batch_size) else None
     results = []
@@ -71,6 +77,11 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
             progress.update(len(results))
     for result, path in zip(results, paths or []):
         result["path"] = path
+    if predictor.text:
+        for result, (text, path) in zip(results, items):
+            if path is None:  # a sentence, not a file
+                del result["path"]
+                result["text"] = text
     return results
 
 
@@ -94,9 +105,11 @@ class _Predictor:
         self.call, self.input_shape = call, tuple(input_shape)
         self.task, self.class_names = task, list(class_names)
         self.warn_range = warn_range
+        self.text = self.input_shape == ()  # strings [batch] in
 
     def __call__(self, images):
-        return np.asarray(self.call(tf.convert_to_tensor(images, tf.float32)), dtype="float64")
+        dtype = tf.string if self.text else tf.float32
+        return np.asarray(self.call(tf.convert_to_tensor(images, dtype)), dtype="float64")
 
     @classmethod
     def of(cls, model):
@@ -133,13 +146,15 @@ class _Predictor:
                              f"Received: model={path!r}") from None
         loaded = tf.saved_model.load(str(version))
         signature = loaded.signatures[_contract.DEFAULT_SIGNATURE]
-        spec = signature.structured_input_signature[1][_contract.IMAGES_INPUT]
+        inputs = signature.structured_input_signature[1]
+        name = _contract.TEXTS_INPUT if _contract.TEXTS_INPUT in inputs else _contract.IMAGES_INPUT
+        spec = inputs[name]
         meta = _read_json(version / "assets.extra" / _contract.METADATA_FILE)
         names = (version / "assets" / _contract.LABELS_FILE).read_text().splitlines()
         task = meta.get("task", "classification")
 
         def call(images):
-            outputs = signature(**{_contract.IMAGES_INPUT: images})
+            outputs = signature(**{name: images})
             key = next(k for k in _contract.PRIMARY_OUTPUTS if k in outputs)
             return outputs[key]
 
