@@ -22,7 +22,7 @@ from tftransfer.finetuner import build_finetuner
 from tftransfer.train import fine_tune
 
 BUILD_KNOBS = ("backbone", "trainable", "optimizer", "dropout", "hidden_units",
-               "label_smoothing")
+               "label_smoothing", "preprocessor")
 FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
@@ -116,7 +116,8 @@ class FineTuneHyperModel(kt.HyperModel):
         """Returns `(build_finetuner kwargs, fine_tune kwargs)` for this trial."""
         v = self.values(hp)
         build = {k: v[k] for k in BUILD_KNOBS}
-        build.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
+        shape = list(self.data.input_shape) or None  # text data: no image shape
+        build.update(num_classes=self.data.num_classes, input_shape=shape,
                      regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
                      learning_rate=self._learning_rate(v), strategy=self.strategy_name,
                      **self.precision)
