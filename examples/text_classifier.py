@@ -36,7 +36,8 @@ def main(argv=None):
                                batch_size=16)
     print(f"classes {data.class_names}, training texts {data.counts}")
     source, extra = BACKBONES[args.backbone]
-    model = build_finetuner(str(source), learning_rate=1e-2, **extra)
+    model = build_finetuner(str(source), num_classes=data.num_classes, learning_rate=1e-2,
+                            class_names=data.class_names, **extra)
     fine_tune(model, data, head_epochs=10, fine_tune_epochs=3, output_dir=args.out,
               overwrite=args.overwrite, verbose=2)
     print("validation:", dict(zip(model.metrics_names,
