@@ -2,27 +2,29 @@
 
 Usage: python tests/_sigkill_search.py CONFIG WORKDIR KILLS SEED
 
-Imports TensorFlow once, then forks one child per run (no TensorFlow op
-runs in this process before forking). Each child prints `started` and runs
+The search runs in its default mode: the search process (forked from this
+one, which imports no TensorFlow) starts trial workers. Each child prints
+`started`, then a line `event NAME [TRIAL]` for every event its trial
+worker sends (`ready`, `begin`, `end`, `done`, `finished`), and runs
 `python -m tftransfer.search --config CONFIG --directory DIR` in-process.
 
 1. A reference child searches WORKDIR/reference uninterrupted; the times of
-   its lines give the run's milestones: start, each `trial N | ...` line,
-   exit.
+   its lines give the segments: start-up (until trial 0 begins), trial k
+   (from its `begin` to the next one's), finish (from `done` to the exit).
 2. KILLS moments are drawn (seeded, one in each of KILLS equal slices of
-   the reference run's length, so every phase longer than two slices gets
-   one). A moment in the segment after milestone k is aimed at the same
-   offset into that segment: the harness waits until trial k-1 has
-   completed (its line in this child's output, or already on disk at the
-   child's start), then waits the offset and kills the child with SIGKILL.
-   The search therefore always moves forward, and kills land in start-up,
-   training, trial ends, the report and the export alike. A child that
-   ends before its kill (the machine got faster than in the reference run)
-   is rerun with half the offset, until the kill lands.
-3. After the last kill a child resumes WORKDIR/killed to the end.
+   the reference run's length). A moment in segment s is aimed at the same
+   offset into s: a new child runs until it reaches s (the `begin` of that
+   trial or a later one, or `done`), the harness waits the offset, reads the
+   child's output up to that instant and SIGKILLs the search process; its
+   trial workers die with it (the harness waits until they are gone). A
+   child that ends before its kill is rerun with half the offset.
+3. Each kill records the segment planned and the one actually running: the
+   child's last event before the kill (`running`), and the trials
+   completed on disk once every process of the child is gone.
+4. After the last kill a child resumes WORKDIR/killed to the end.
 
-Prints one JSON line: reference and final exit codes, the kills that
-landed, and per kill the segment and offset.
+Prints one JSON line: reference and final exit codes, the segments of the
+reference run, and the kill records.
 """
 
 import json
@@ -33,11 +35,27 @@ import signal
 import sys
 import time
 
+import psutil
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tftransfer.search import _pool  # noqa: E402  (imports no TensorFlow)
 from tftransfer.search.__main__ import main  # noqa: E402
 
 CHILD_TIMEOUT = 600  # seconds; generous for a loaded machine
+
+
+def _print_events():
+    """In a child: prints each event its trial workers send, as `event NAME [TRIAL]`."""
+    next_event = _pool._WorkerProcess.next_event
+
+    def printing(self):
+        event = next_event(self)
+        if event is not None:
+            print(f"event {event['event']} {event.get('trial_id', '')}".rstrip(), flush=True)
+        return event
+
+    _pool._WorkerProcess.next_event = printing
 
 
 class Child:
@@ -51,6 +69,7 @@ class Child:
             os.dup2(write, 1)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
             print("started", flush=True)
+            _print_events()
             code = main(["--config", config, "--directory", directory])
             sys.stdout.flush()
             os._exit(code)
@@ -78,8 +97,22 @@ class Child:
         return self.code is not None
 
     def kill(self):
+        """SIGKILLs the search process; returns once it and its trial workers are gone."""
+        workers = psutil.Process(self.pid).children(recursive=True)
         os.kill(self.pid, signal.SIGKILL)
         self.wait_exit(CHILD_TIMEOUT)
+        _, alive = psutil.wait_procs(workers, timeout=60)  # they die with their parent
+        for proc in alive:  # never seen: a worker outliving the search process
+            proc.kill()
+        assert not alive, f"trial workers outlived the search process: {alive}"
+
+    def last_event(self):
+        """The last `started` or `event` line read so far, reading what is there now."""
+        while select.select([self.fd], [], [], 0)[0] and self.code is None:
+            self._read(0)
+        self._pop_lines()
+        phases = [line for _, line in self.lines if line == "started" or line.startswith("event ")]
+        return phases[-1] if phases else None
 
     def _read(self, timeout):
         ready, _, _ = select.select([self.fd], [], [], max(0.0, min(timeout, 1.0)))
@@ -98,10 +131,6 @@ class Child:
         return [text for _, text in lines]
 
 
-def _is_trial_line(line):
-    return line.startswith("trial ") and " | " in line
-
-
 def _completed_on_disk(directory):
     done = 0
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
@@ -112,44 +141,80 @@ def _completed_on_disk(directory):
     return done
 
 
+def _segment_starts(child):
+    """`[(segment, start time)]` of a finished reference child, and its end time."""
+    starts = []
+    for t, line in child.lines:
+        if line == "started":
+            starts.append(("start-up", t))
+        elif line.startswith("event begin "):
+            starts.append((f"trial {line.split()[2]}", t))
+        elif line == "event done":
+            starts.append(("finish", t))
+    return starts, time.monotonic() - child.start
+
+
+def _reached(segment, line):
+    """Whether a child's output `line` shows it has reached `segment` (or a later one)."""
+    if segment == "start-up":
+        return line == "started"
+    if line == "event done":
+        return True
+    if segment.startswith("trial ") and line.startswith("event begin "):
+        return int(line.split()[2]) >= int(segment.split()[1])
+    return False
+
+
+def _running(event):
+    """The segment a child's last event says was running."""
+    if event is None or event in ("started", "event ready", "event checked"):
+        return "start-up"
+    name, *trial = event.split()[1:]
+    if name == "begin":
+        return f"trial {int(trial[0])}"
+    if name == "end":
+        return f"after trial {int(trial[0])}"
+    return "finish"
+
+
 def reference(config, directory):
-    """Runs the search uninterrupted; returns (exit code, milestone times)."""
+    """Runs the search uninterrupted; returns (exit code, segment starts, end time)."""
     child = Child(config, directory)
     child.wait_exit(CHILD_TIMEOUT)
-    ends = [t for t, line in child.lines if _is_trial_line(line)]
-    return child.code, [0.0, *ends, time.monotonic() - child.start]
+    starts, end = _segment_starts(child)
+    return child.code, starts, end
 
 
-def kill_run(config, directory, milestones, kills, seed):
+def kill_run(config, directory, starts, end, kills, seed):
     """Kills the search at `kills` seeded moments; returns the kill records."""
     rng = random.Random(seed)
-    width = milestones[-1] / kills
+    width = end / kills
     moments = [(i + rng.random()) * width for i in range(kills)]
     records = []
     for moment in moments:
-        segment = max(k for k, t in enumerate(milestones[:-1]) if t <= moment)
-        offset = moment - milestones[segment]
+        segment, begun = [s for s in starts if s[1] <= moment][-1]
+        offset = moment - begun
         for attempt in range(12):  # a kill aimed past the child's end: half the offset
             child = Child(config, directory)
-            child.wait_line(lambda line: line == "started")
-            if _completed_on_disk(directory) < segment:  # wait for trial segment-1's end
-                child.wait_line(lambda line, k=segment: _is_trial_line(line)
-                                and _completed_on_disk(directory) >= k)
+            child.wait_line(lambda line, s=segment: _reached(s, line))
             if not child.wait_exit(offset / 2 ** attempt):
+                running = _running(child.last_event())
                 child.kill()
-                records.append({"segment": segment, "offset": round(offset, 2),
-                                "attempt": attempt})
+                records.append({"planned": segment, "running": running,
+                                "completed": _completed_on_disk(directory),
+                                "offset": round(offset, 2), "attempt": attempt})
                 break
     return records
 
 
 def run(config, workdir, kills, seed):
-    ref_code, milestones = reference(config, os.path.join(workdir, "reference"))
+    ref_code, starts, end = reference(config, os.path.join(workdir, "reference"))
     killed_dir = os.path.join(workdir, "killed")
-    records = kill_run(config, killed_dir, milestones, kills, seed)
+    records = kill_run(config, killed_dir, starts, end, kills, seed)
     final = Child(config, killed_dir)
     final.wait_exit(CHILD_TIMEOUT)
-    return {"reference_code": ref_code, "milestones": [round(t, 2) for t in milestones],
+    return {"reference_code": ref_code,
+            "segments": [[name, round(t, 2)] for name, t in starts] + [["end", round(end, 2)]],
             "kills": records, "final_code": final.code,
             "final_lines": [line for _, line in final.lines]}
 

@@ -3,8 +3,9 @@
 Each row of `BAD` is one input a user or an adversary may pass, the exception it
 must raise and a fragment of its message (the argument in backticks, what is
 allowed, `Received: arg=value`, and for data the first bad index). The models
-are built once per module: every refused call fails before it trains, and
-`test_refused_calls_left_the_model_untouched` checks that.
+are built once per module and their state is snapshotted before the first row
+runs (every row requests `untouched`): every refused call fails before it
+trains, and `test_refused_calls_left_the_model_untouched` checks that.
 """
 
 import re
@@ -60,7 +61,14 @@ def models():
 
 @pytest.fixture(scope="module")
 def untouched(models):
-    return {name: weights_of(model) for name, model in models.items()}
+    """The models' state before the first refused call (every row requests it)."""
+    return {name: _state(model) for name, model in models.items()}
+
+
+def _state(model):
+    """Weights, which layers train, and the recipe: what a refused call must leave alone."""
+    trainable = {layer.name: layer.trainable for layer in model.backbone.layers}
+    return weights_of(model), trainable, model.recipe
 
 
 def build(**kwargs):
@@ -204,7 +212,7 @@ BAD = [
        "Received: early_stopping=-1")),
     ("early_stopping_true", tune(early_stopping=True), E("Received: early_stopping=True")),
     ("layerwise_decay_nan", tune(layerwise_lr_decay=NAN),
-     E("`layerwise_lr_decay` must be a finite float in (0, 1] or None. Received: "
+     E("`layerwise_lr_decay` must be a finite float in (0, 1], \"auto\" or None. Received: "
        "layerwise_lr_decay=nan")),
     ("fine_tune_lr_nan", tune(fine_tune_learning_rate=NAN), E("Received: fine_tune_learning_rate=nan")),
     ("initial_epoch_past_end", tune(initial_epoch=2), E("(here 1). Received: initial_epoch=2")),
@@ -284,14 +292,17 @@ BAD = [
 
 
 @pytest.mark.parametrize("call,message", [row[1:] for row in BAD], ids=[row[0] for row in BAD])
-def test_bad_input_is_refused_with_a_clear_error(call, message, digits, models):
+def test_bad_input_is_refused_with_a_clear_error(call, message, digits, models, untouched):
     with pytest.raises(ValueError, match=message):
         call({"data": digits, "models": models})
 
 
 def test_refused_calls_left_the_model_untouched(models, untouched):
     for name, model in models.items():
-        assert not changed(untouched[name], weights_of(model)), name
+        weights, trainable, recipe = untouched[name]
+        now_weights, now_trainable, now_recipe = _state(model)
+        assert not changed(weights, now_weights), name
+        assert (now_trainable, now_recipe) == (trainable, recipe), name
 
 
 # Inputs that used to be refused or silently ignored, and now work. ------------------

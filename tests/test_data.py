@@ -43,11 +43,15 @@ def _write_folder(root, n_per_class=(12, 12, 12), formats=("png",)):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """36 good images (PNG/JPEG/BMP/GIF, mixed case) + 3 broken + 1 ignored."""
+    """36 good images (PNG/JPEG/BMP/GIF, mixed case) + 4 broken + 1 ignored."""
     root = tmp_path_factory.mktemp("digits")
     _write_folder(root, formats=("png", "jpg", "bmp", "gif", "PNG"))
     good = (root / "zero" / "img_000.png").read_bytes()
     (root / "zero" / "truncated.png").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)  # whole (IEND at its end), but its pixels' checksum wrong
+    crc = corrupt.index(b"IEND") - 8
+    corrupt[crc:crc + 4] = bytes(255 - b for b in corrupt[crc:crc + 4])
+    (root / "zero" / "corrupt.png").write_bytes(bytes(corrupt))
     (root / "one" / "x.png").write_text("this is not an image")
     (root / "two" / "notes.jpeg").write_bytes(b"\x00\x01garbage")
     (root / "two" / "readme.txt").write_text("ignored: not an image extension")
@@ -70,22 +74,24 @@ def _load(folder, **kw):
 
 def test_directory_skips_broken_files_and_reports_once(folder):
     data, warned = _load(folder, batch_size=8)
-    # The listing reads only first bytes: text and garbage are left out at once...
-    assert sorted(os.path.basename(p) for p in data.skipped) == ["notes.jpeg", "x.png"]
-    assert len(warned) == 1 and "Skipped 2 file(s)" in str(warned[0].message)
+    # The listing reads only first and last bytes: text, garbage and a truncated
+    # file are left out at once...
+    assert sorted(os.path.basename(p) for p in data.skipped) == [
+        "notes.jpeg", "truncated.png", "x.png"]
+    assert len(warned) == 1 and "Skipped 3 file(s)" in str(warned[0].message)
     assert "Left out 1 file(s) without an image extension (.txt: 1)" in str(warned[0].message)
     assert data.class_names == SORTED and data.num_classes == 3
-    # ... the truncated PNG when the first epoch reads it, without stopping it.
+    # ... a damaged PNG when the first epoch reads it, without stopping it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x_train, y_train = _epoch(data.train)
         x_val, y_val = _epoch(data.validation)
     read = [w for w in caught if "could not be decoded" in str(w.message)]
     assert len(read) == 1 and "Skipped 1 file(s)" in str(read[0].message)
-    assert "truncated.png" in str(read[0].message)
+    assert "corrupt.png" in str(read[0].message)
     assert sorted(os.path.basename(p) for p in data.skipped) == [
-        "notes.jpeg", "truncated.png", "x.png"]
-    # Every readable file, and the split keeps its length: the truncated file's
+        "corrupt.png", "notes.jpeg", "truncated.png", "x.png"]
+    # Every readable file, and the split keeps its length: the damaged file's
     # place is taken by a second copy of a readable image of its split.
     assert len(y_train) + len(y_val) == 37
     assert len({a.tobytes() for a in np.concatenate([x_train, x_val])}) == 36
@@ -122,7 +128,7 @@ def test_split_is_deterministic_disjoint_and_seeded(folder):
     (tr1, va1), (tr2, va2), (_, va3) = split(1), split(1), split(2)
     np.testing.assert_array_equal(va1, va2)
     np.testing.assert_array_equal(tr1, tr2)
-    # round(12 * 0.25) = 3 per class; 28 = 27 + a repeat in place of truncated.png
+    # round(12 * 0.25) = 3 per class; 28 = 27 + a repeat in place of corrupt.png
     assert len(va1) == 9 and len(tr1) == 28
     train_set = {a.tobytes() for a in tr1}
     assert not train_set & {a.tobytes() for a in va1}
@@ -196,7 +202,7 @@ def test_keras_fit_consumes_pipeline(folder):
 
 def test_fit_reports_unreadable_files_by_the_end_of_its_first_epoch(folder):
     """Keras takes the known number of steps and never asks past the last batch:
-    the truncated file is still named when `fit`'s first epoch ends."""
+    the damaged file is still named when `fit`'s first epoch ends."""
     for cache in ("memory", False):
         data, _ = _load(folder, batch_size=8, cache=cache)
         model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
@@ -205,8 +211,8 @@ def test_fit_reports_unreadable_files_by_the_end_of_its_first_epoch(folder):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.fit(data.train, validation_data=data.validation, epochs=1, verbose=0)
-        assert "truncated.png" in {os.path.basename(p) for p in data.skipped}, cache
-        assert [w for w in caught if "truncated.png" in str(w.message)], cache
+        assert "corrupt.png" in {os.path.basename(p) for p in data.skipped}, cache
+        assert [w for w in caught if "corrupt.png" in str(w.message)], cache
         assert not [w for w in caught if "ran out of data" in str(w.message)]
 
 
@@ -385,10 +391,10 @@ def test_from_tfds_missing_data_says_how_to_prepare(tfds_dir, tmp_path):
 # ----------------------------------------------------------- bad input
 def test_directory_errors(tmp_path, folder):
     missing = tmp_path / "missing"
-    with pytest.raises(ValueError, match=f"Invalid `path`: expected an existing directory "
+    with pytest.raises(ValueError, match=f"`path` must be an existing directory "
                        f"with one subfolder per class. Received: path='{missing}'$"):
         tfd.from_directory(str(missing), image_size=(8, 8))
-    with pytest.raises(ValueError, match="expected a directory with one subfolder of images "
+    with pytest.raises(ValueError, match="`path` must be a directory with one subfolder of images "
                        r"per class .*Received: path="):
         tfd.from_directory(tmp_path, image_size=(8, 8))  # empty
     (tmp_path / "a").mkdir()
@@ -402,20 +408,20 @@ def test_directory_errors(tmp_path, folder):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(validation_split=1.0), "Invalid `validation_split`: expected a float in "
+    (dict(validation_split=1.0), "`validation_split` must be a float in "
      r"\[0, 1\). Received: validation_split=1.0$"),
     (dict(validation_split=-0.1), r"Received: validation_split=-0.1$"),
-    (dict(batch_size=0), r"Invalid `batch_size`: expected an int >= 1. Received: batch_size=0$"),
+    (dict(batch_size=0), r"`batch_size` must be an int >= 1. Received: batch_size=0$"),
     (dict(image_size=None), r"Either `model` .* Received: model=None, image_size=None$"),
-    (dict(image_size=(8,)), r"Invalid `image_size`.*Received: image_size=\(8,\)$"),
-    (dict(augment=["flip", "blur"]), r"Invalid `augment`: .*\['contrast', 'flip', "
+    (dict(image_size=(8,)), r"`image_size` must be .*Received: image_size=\(8,\)$"),
+    (dict(augment=["flip", "blur"]), r"`augment` must be .*\['contrast', 'flip', "
      r"'rotation', 'translation', 'zoom'\].*unknown entry 'blur'\. "
      r"Received: augment=\['flip', 'blur'\]$"),
-    (dict(augment=3), r"Invalid `augment`.*Received: augment=3$"),
-    (dict(interpolation="cubic"), r"Invalid `interpolation`.*'bilinear'.*"
+    (dict(augment=3), r"`augment` must be .*Received: augment=3$"),
+    (dict(interpolation="cubic"), r"`interpolation` must be .*'bilinear'.*"
      r"Received: interpolation='cubic'$"),
-    (dict(cache=3), r"Invalid `cache`.*Received: cache=3$"),
-    (dict(class_weight="auto"), r"Invalid `class_weight`: expected None, 'balanced'.*"
+    (dict(cache=3), r"`cache` must be .*Received: cache=3$"),
+    (dict(class_weight="auto"), r"`class_weight` must be None, 'balanced'.*"
      r"Received: class_weight='auto'$"),
     (dict(class_weight={0: 1.0, 1: 1.0}), r"every class.*Received: class_weight=\{0: 1.0, "),
     (dict(class_weight={"one": 1, "two": 1, "zero": -1}), r"weight >= 0"),
@@ -431,19 +437,19 @@ def test_argument_errors(folder, kwargs, message):
 def test_model_and_array_errors():
     inputs = keras.Input((16, 16, 3))
     model = keras.Model(inputs, inputs)
-    with pytest.raises(ValueError, match=r"expected \(16, 16\) \(the model's input size\) "
+    with pytest.raises(ValueError, match=r"must be \(16, 16\) \(the model's input size\) "
                        r"or None. Received: image_size=\(8, 8\)$"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, image_size=(8, 8))
     with pytest.raises(ValueError, match=r"matching the model's input channels \(3\). "
                        r"Received: channels=1$"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, channels=1)
-    with pytest.raises(ValueError, match=r"Invalid `model`.*Received: model="):
+    with pytest.raises(ValueError, match=r"`model` must be .*Received: model="):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=keras.Sequential())
-    with pytest.raises(ValueError, match=r"Invalid `y`.*Received: y=array\(shape=\(3,\)"):
+    with pytest.raises(ValueError, match=r"`y` must be .*Received: y=array\(shape=\(3,\)"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1, 1], image_size=(4, 4))
-    with pytest.raises(ValueError, match=r"Invalid `x`.*Received: x=array\(shape=\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"`x` must be .*Received: x=array\(shape=\(2, 4\)"):
         tfd.from_arrays(np.zeros((2, 4), np.uint8), [0, 1], image_size=(4, 4))
-    with pytest.raises(ValueError, match=r"Invalid `channels`: expected one of \[1, 3, 4\] "
+    with pytest.raises(ValueError, match=r"`channels` must be one of \[1, 3, 4\] "
                        r"for images with 3 channels. Received: channels=2$"):
         tfd.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], image_size=(4, 4), channels=2)
     with pytest.warns(UserWarning, match=r"raw \[0, 255\] pixels are expected"):

@@ -1,5 +1,6 @@
 """Tests of tftransfer.export: TF Serving SavedModels, versions, verify CLI."""
 
+import configparser
 import datetime
 import hashlib
 import io
@@ -9,6 +10,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -335,6 +337,19 @@ def test_warmup_records_are_prediction_logs_that_run(exported, loaded):
     assert signatures.count("serving_bytes") >= 1
 
 
+def test_default_install_writes_warmup_requests_without_warning(tmp_path, cnn):
+    setup = configparser.ConfigParser()
+    setup.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
+    required = setup["options"]["install_requires"].split()
+    assert "tensorflow-serving-api>=2.21,<2.22" in required
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = ex.export_for_serving(cnn, tmp_path)
+    assert not [w for w in caught if "serving-api" in str(w.message)]
+    warmup = pathlib.Path(path, "assets.extra", "tf_serving_warmup_requests")
+    assert sum(1 for _ in tf.data.TFRecordDataset(str(warmup))) == 3
+
+
 def test_warmup_skipped_without_serving_api(tmp_path, cnn, monkeypatch):
     for name in ("tensorflow_serving", "tensorflow_serving.apis",
                  "tensorflow_serving.apis.predict_pb2",
@@ -430,20 +445,17 @@ def test_verify_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"version": 0}, "Argument `version` must be a positive integer (1, 2, ...) "
-     "or None for the next one. Received: version=0"),
-    ({"version": "3"}, "Argument `version` must be a positive integer (1, 2, "
-     "...) or None for the next one. Received: version='3'"),
-    ({"task": "detection"}, "Argument `task` must be one of ('classification', "
-     "'multi_label', 'regression') (or None to infer it). "
-     "Received: task='detection'"),
-    ({"class_names": ["a", "b"]}, "Argument `class_names` must be 5 non-empty "
-     "strings without newlines, one per output of this classification model. "
-     "Received: class_names=('a', 'b')"),
-    ({"top_k": 0}, "Argument `top_k` must be a positive integer. "
-     "Received: top_k=0"),
-    ({"extra_formats": ("onnx",)}, "Argument `extra_formats` may only contain "
-     "('keras', 'tflite'). Received: extra_formats=('onnx',)"),
+    ({"version": 0}, "`version` must be an integer >= 1, or None for the next one. "
+     "Received: version=0"),
+    ({"version": "3"}, "`version` must be an integer >= 1, or None for the next one. "
+     "Received: version='3'"),
+    ({"task": "boxes"}, "Unknown task for `task`. Valid names are: classification, "
+     "multi_label, regression. Received: task='boxes'"),
+    ({"class_names": ["a", "b"]}, "`class_names` must be a list of 5 non-empty strings "
+     "without newlines, one per output. Received: class_names=['a', 'b']"),
+    ({"top_k": 0}, "`top_k` must be an integer >= 1. Received: top_k=0"),
+    ({"extra_formats": ("onnx",)}, "`extra_formats` must be a list of formats among keras, "
+     "tflite. Received: extra_formats=('onnx',)"),
 ])
 def test_bad_arguments(tmp_path, cnn, kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -475,3 +487,34 @@ def test_finetuner_with_savedmodel_backbone_exports_and_reloads(tmp_path, source
     assert [row[0].decode() for row in out["labels"].numpy()] == top
     meta = json.loads((pathlib.Path(path) / "assets.extra" / "tftransfer.json").read_text())
     assert meta["backbone"] == str(SAVED / source)
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777
+            for p in [root, *root.rglob("*")]}
+
+
+def test_published_version_is_readable_by_other_users(exported):
+    modes = _modes(exported)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, mode in modes.items():
+        directory = (exported / name).is_dir() if name != "." else True
+        want = (0o755 if directory else 0o644) & ~umask
+        assert mode == want, (name, oct(mode), oct(want))
+    assert modes["."] & 0o005 == 0o005 or umask & 0o005  # others may list and enter it
+
+
+def test_labels_edited_with_metadata_are_caught_by_verify_and_predict(exported, tmp_path,
+                                                                       capsys):
+    copy = tmp_path / "5"
+    shutil.copytree(exported, copy)
+    rotated = NAMES[1:] + NAMES[:1]  # every class renamed, the two files still agree
+    (copy / "assets/labels.txt").write_text("\n".join(rotated) + "\n")
+    meta_path = copy / "assets.extra/tftransfer.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "class_names": rotated}))
+    assert cli.main(["verify", str(copy)]) == 1
+    assert "labels.txt disagrees with the graph: class" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagrees with its graph"):
+        tftransfer.predict(str(copy), _images(2))

@@ -109,15 +109,38 @@ def test_stage_methods_compose_fine_tuning(split):
     assert changed(before, weights_of(model.head)) == set(before)  # the model's own head
 
 
-def test_explicit_compile_becomes_the_recipe(split):
+def test_explicit_compile_leaves_the_recipe(split):
     train, val, _ = split
-    model = build_finetuner(DIGITS, num_classes=5)
+    model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+    recipe = model.recipe
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    assert type(model.optimizer).__name__ == "SGD"  # fit trains with what was compiled
+    assert model.recipe == recipe and model.base_learning_rate == pytest.approx(1e-2)
+    fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, verbose=0,
+              keep_best_stage=False)
+    config = model.optimizer.get_config()  # stage 2 from the recipe: Adam at 1e-2 * 0.1
+    assert type(model.optimizer).__name__ == "Adam"
+    assert config["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_build_finetuner_optimizer_instance_gives_the_recipe_its_rate():
+    model = build_finetuner(DIGITS, num_classes=5,
+                            optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     assert model.base_learning_rate == pytest.approx(0.05)
-    fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, verbose=0)
-    config = model.optimizer.get_config()
-    assert type(model.optimizer).__name__ == "SGD" and config["momentum"] == 0.9
-    assert config["learning_rate"] == pytest.approx(0.005)
+    stage = model.stage_optimizer()
+    assert type(stage).__name__ == "SGD" and stage.get_config()["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("recipe, argument, frozen", [
+    (False, None, False), (True, None, True), (False, True, True), (True, False, False)])
+def test_fine_tune_takes_the_recipes_freeze_batchnorm(split, recipe, argument, frozen):
+    train, _, _ = split
+    model = build_finetuner(DIGITS, num_classes=5, freeze_batchnorm=recipe)
+    fine_tune(model, (train[0][:40], train[1][:40]), head_epochs=0, fine_tune_epochs=1,
+              batch_size=40, freeze_batchnorm=argument, verbose=0)
+    norms = [layer for layer in model.backbone.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.trainable != frozen for layer in norms)
 
 
 def test_fine_tune_takes_the_data_class_names(split, tmp_path):
@@ -196,11 +219,15 @@ def test_predict_cli_prints_a_table_and_writes_csv(trained, image_files, tmp_pat
     assert len(out.read_text().strip().splitlines()) == 13  # untouched
 
 
-def test_predict_names_a_file_it_cannot_decode(trained, image_files, tmp_path):
-    bad = tmp_path / "bad.png"
+def test_predict_skips_and_names_a_file_it_cannot_decode(trained, image_files, tmp_path):
+    bad, good = tmp_path / "bad.png", str(image_files / "0.png")
     bad.write_bytes(b"not an image at all, only text")
-    with pytest.raises(ValueError, match=r"Cannot decode the image '.*bad\.png'"):
-        predict(trained, [str(image_files / "0.png"), str(bad)])
+    with pytest.warns(UserWarning, match=r"Skipped 1 file\(s\).*bad\.png"):
+        results = predict(trained, [good, str(bad)])
+    assert [r["path"] for r in results] == [good] and results.skipped == [str(bad)]
+    junk = [open(good, "rb").read(), b"\xff\xd8\xff not a JPEG after all, only text"]
+    with pytest.raises(ValueError, match=r"Cannot decode the image images\[1\]"):
+        predict(trained, junk)  # bytes have no name to skip under
     with pytest.raises(ValueError, match=r"`top_k` must be an integer >= 1. Received: top_k=0"):
         predict(trained, str(image_files), top_k=0)
 
@@ -215,6 +242,28 @@ def test_unit_range_input_warns_once(trained, split):
         model.predict(x, verbose=0)
     messages = [str(w.message) for w in caught if "[0, 1]" in str(w.message)]
     assert len(messages) == 1 and "takes raw pixels in [0, 255]" in messages[0]
+
+
+def test_unit_range_check_reads_a_sample_of_raw_pixels(monkeypatch):
+    model = build_finetuner(DIGITS, num_classes=5)
+    raw = np.random.default_rng(0).uniform(0, 255, (300, 32, 32, 3)).astype("float32")
+    read = []
+    nanmax = np.nanmax
+    monkeypatch.setattr(np, "nanmax", lambda a, *args, **kw: read.append(np.size(a)) or nanmax(
+        a, *args, **kw))
+    for _ in range(3):
+        model.warn_if_unit_range(raw)
+        model.warn_if_unit_range(tf.constant(raw))
+    assert read and max(read) == 32 * 32 * 32 * 3  # the first 32 images of 300, each call
+    dark_start = raw / 255.0
+    dark_start[-1, 0, 0, 0] = 7.0  # 0-1 at first sight, raw pixels after all: no warning
+    dark_start[0, 0, 0, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.warn_if_unit_range(dark_start)
+    dark_start[-1, 0, 0, 0] = 1.0
+    with pytest.warns(UserWarning, match=r"looks like images scaled to \[0, 1\] \(max 1\)"):
+        model.warn_if_unit_range(dark_start)
 
 
 def test_nan_loss_restores_weights_and_marks_the_run_failed(split, tmp_path):

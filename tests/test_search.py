@@ -60,8 +60,17 @@ def test_bundled_configs_validate_and_round_trip(name):
     assert validate(yaml.safe_load(config_lib.dump(cfg))) == cfg
 
 
+def test_former_trainable_key_is_read_as_unfreeze_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="`search_space.trainable` is deprecated: it is "
+                      "now `search_space.unfreeze`"):
+        cfg = validate(_tiny(search_space__trainable="top:2"))
+    assert cfg["search_space"]["unfreeze"] == "top:2" and "trainable" not in cfg["search_space"]
+    with pytest.raises(ConfigError, match="no `trainable` next to `unfreeze`"):
+        validate(_tiny(search_space__trainable="top:2", search_space__unfreeze="all"))
+
+
 def test_round_trip_of_every_knob_form():
-    raw = _tiny(search_space__trainable={"int_min": 0, "int_max": 3},
+    raw = _tiny(search_space__unfreeze={"int_min": 0, "int_max": 3},
                 search_space__hidden_units={"choice": [[], [32, 16]]},
                 search_space__layerwise_lr_decay={"min": 0.5, "max": 1.0, "step": 0.1})
     cfg = validate(raw)
@@ -72,10 +81,10 @@ def test_round_trip_of_every_knob_form():
 
 INVALID = [
     ("search_space:\n  backbone: a\n  foo: 1\n",
-     "Invalid config at `search_space.foo`: expected one of the keys backbone, trainable, "
+     "Invalid config at `search_space.foo`: expected one of the keys backbone, unfreeze, "
      "optimizer, learning_rate, schedule, regularizer_kind, regularizer_strength, dropout, "
      "hidden_units, label_smoothing, batch_size, head_epochs, fine_tune_epochs, "
-     "layerwise_lr_decay, lr_factor. Received: 'foo'"),
+     "layerwise_lr_decay, lr_factor, fine_tune_warmup. Received: 'foo'"),
     ("search_space:\n  backbone: a\n  batch_size: '32'\n",
      "Invalid config at `search_space.batch_size`: expected an integer >= 1. Received: '32'"),
     ("search_space:\n  backbone: a\n  optimizer: {choice: []}\n",
@@ -89,8 +98,8 @@ INVALID = [
      "Received: 0.0"),
     ("search_space:\n  backbone: a\n  optimizer: {choice: [adam, adamm]}\n",
      "Invalid config at `search_space.optimizer.choice[1]`: expected one of 'adadelta'"),
-    ("search_space:\n  backbone: a\n  trainable: top:x\n",
-     "Invalid config at `search_space.trainable`: expected 'none', 'all', 'top:N' (N >= 0) "
+    ("search_space:\n  backbone: a\n  unfreeze: top:x\n",
+     "Invalid config at `search_space.unfreeze`: expected 'none', 'all', 'top:N' (N >= 0) "
      "or 'fraction:F' (0 <= F <= 1). Received: 'top:x'"),
     ("search_space:\n  dropout: 0.1\n",
      "Invalid config at `search_space.backbone`: expected a value (this key is required). "
@@ -295,7 +304,7 @@ def test_settings_map_knobs_to_builder_and_fine_tune_arguments():
     from tftransfer.search.sources import SearchData
 
     space = validate(_tiny(
-        search_space__trainable={"int_min": 1, "int_max": 3},
+        search_space__unfreeze={"int_min": 1, "int_max": 3},
         search_space__schedule="warmup_cosine", search_space__regularizer_kind="l1_l2",
         search_space__regularizer_strength=1e-4,
         search_space__hidden_units={"choice": [[32, 16], []]},
@@ -308,7 +317,7 @@ def test_settings_map_knobs_to_builder_and_fine_tune_arguments():
     assert build["learning_rate"] == {"class_name": "warmup_cosine", "config": {
         "learning_rate": 0.01, "decay_steps": 14, "warmup_steps": 1}}
     assert (build["num_classes"], build["input_shape"]) == (3, [32, 32, 3])
-    assert set(hp.values) == {"trainable", "hidden_units", "dropout"}
+    assert set(hp.values) == {"unfreeze", "hidden_units", "dropout"}
     model = build_finetuner(**{**build, "backbone": DIGITS})
     assert model.head.get_layer("predictions").output.shape[-1] == 3
 
@@ -316,8 +325,8 @@ def test_settings_map_knobs_to_builder_and_fine_tune_arguments():
 def test_seed_0_searches_the_same_values_every_run(tmp_path):
     # KerasTuner reads seed 0 as "draw a random seed"; ours means seed 0.
     from tftransfer.search.hypermodel import FineTuneHyperModel
-    from tftransfer.search.runner import make_tuner
     from tftransfer.search.sources import SearchData
+    from tftransfer.search.tuners import make_tuner
 
     cfg = validate(_tiny(tuner__seed=0))
     data = SearchData(None, None, ["a", "b"], (32, 32, 3), num_train=10)

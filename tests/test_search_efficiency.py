@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from conftest import SAVED, changed, weights_of
 
-from tftransfer import build_finetuner, fine_tune
-from tftransfer import train as train_module
+from tftransfer import _feature_cache, build_finetuner, fine_tune
 from tftransfer.datasets import few_shot_split
 
 DIGITS = str(SAVED / "digits_cnn.keras")
@@ -60,7 +59,7 @@ def test_resumed_inside_stage_two_skips_stage_one(few_shot, monkeypatch):
     def no_features(*args, **kwargs):
         raise AssertionError("stage 1 ran: the backbone computed features")
 
-    monkeypatch.setattr(train_module, "_extract_all", no_features)
+    monkeypatch.setattr(_feature_cache, "extract_all", no_features)
     model = _model()
     backbone, head = model.backbone, model.head.get_layer("predictions")
     before, head_before = weights_of(backbone), weights_of(head)
@@ -102,13 +101,13 @@ def _files(directory):
 
 def _counting_backbone_runs(monkeypatch):
     runs = []
-    wrap = train_module._for_any_batch
+    wrap = _feature_cache.for_any_batch
 
     def counted(extract, dataset):
         inner = wrap(extract, dataset)
         return lambda images: runs.append(len(images)) or inner(images)
 
-    monkeypatch.setattr(train_module, "_for_any_batch", counted)
+    monkeypatch.setattr(_feature_cache, "for_any_batch", counted)
     return runs
 
 
@@ -162,7 +161,7 @@ def test_hyperband_continues_promoted_trials_and_shares_features(tmp_path, monke
                          "fine_tune_epochs": 1},
         "tuner": {"kind": "hyperband", "max_epochs": 2, "factor": 2, "seed": 1},
         "run": {"directory": str(tmp_path / "search"), "isolate_trials": False}})
-    run(cfg, out=lambda line: None, trials_only=True)
+    run(cfg, out=lambda line: None)  # loading the best model for its export fits nothing
     # Bracket 1: two 1-epoch trials, then the better one trained on for epoch 1
     # only (stage 2: no stage 1 again); bracket 0: two 2-epoch trials.
     assert sorted(c[:2] for c in calls) == [(0, [0]), (0, [0]), (0, [0, 1]), (0, [0, 1]),

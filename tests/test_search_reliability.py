@@ -8,12 +8,15 @@ import sys
 import time
 
 import keras
+import keras_tuner as kt
 import pytest
 import yaml
 from conftest import ROOT, SAVED
 
 from tftransfer._lock import DirectoryLock
 from tftransfer.search.__main__ import main, overrides, parser
+from tftransfer.search._atomic import AtomicTuner
+from tftransfer.search.tuners import RandomSearchOracle
 
 DIGITS = str(SAVED / "digits_cnn.keras")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -56,7 +59,9 @@ def _snapshot(directory):
 
 @pytest.mark.slow
 def test_search_survives_sigkill_at_20_random_moments(tmp_path):
-    config = _write(tmp_path / "tiny.yaml", _tiny())
+    cfg = _tiny()
+    del cfg["run"]["isolate_trials"]  # the default: trials in trial workers
+    config = _write(tmp_path / "tiny.yaml", cfg)
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "_sigkill_search.py"), config,
                           str(tmp_path), "20", "0"], env=ENV, capture_output=True, text=True,
                          timeout=TIMEOUT)
@@ -64,7 +69,11 @@ def test_search_survives_sigkill_at_20_random_moments(tmp_path):
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["reference_code"] == 0 and result["final_code"] == 0, result
     assert len(result["kills"]) == 20
-    assert {0, 1, 2} <= {k["segment"] for k in result["kills"]}  # during each trial
+    running = [k["running"] for k in result["kills"]]  # what each kill actually interrupted
+    trials = {"trial 0", "trial 1", "trial 2"}
+    assert set(running) <= trials | {"start-up", "after trial 0", "after trial 1",
+                                     "after trial 2", "finish"}, running
+    assert len(trials & set(running)) >= 2, running  # training interrupted in several trials
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert _trials(killed) == _trials(reference)  # same ids, statuses and scores
@@ -206,20 +215,20 @@ def _declare(hp):
     hp.Choice("k", [1, 2, 3, 4])
 
 
-def _quick_tuner(directory, max_trials):
-    """A RandomSearch with our atomic files whose trials just score their values."""
-    import keras_tuner as kt
-
-    from tftransfer.search._atomic import AtomicTuner
+class _ScoringTuner(AtomicTuner):
+    """Trials that just score their values."""
 
     def run_trial(self, trial, *args, **kwargs):
         hp = trial.hyperparameters
         return {"score": hp["x"] * hp["k"]}
 
-    cls = type("RandomSearch", (kt.RandomSearch, AtomicTuner), {"run_trial": run_trial})
-    return cls(hypermodel=_declare, objective=kt.Objective("score", "max"),
-               max_trials=max_trials, seed=3, directory=str(directory.parent),
-               project_name=directory.name)
+
+def _quick_tuner(directory, max_trials):
+    """A random search with our atomic oracle and tuner files."""
+    oracle = RandomSearchOracle(objective=kt.Objective("score", "max"), max_trials=max_trials,
+                                seed=3)
+    return _ScoringTuner(oracle, hypermodel=_declare, directory=str(directory.parent),
+                               project_name=directory.name)
 
 
 def test_state_files_are_replaced_never_rewritten_in_place(tmp_path):

@@ -180,8 +180,8 @@ def test_bad_arguments(kwargs, message, small_batch):
 
 
 def test_image_folder_data_with_augmentation_skips_the_cache(digits_target, monkeypatch):
+    from tftransfer import _feature_cache
     from tftransfer import data as tfdata
-    from tftransfer import train
 
     x, y = digits_target
     images = tfdata.from_arrays(x[:60], y[:60], image_size=(32, 32), validation_split=0.2,
@@ -193,7 +193,7 @@ def test_image_folder_data_with_augmentation_skips_the_cache(digits_target, monk
         extracted.append(1)
         raise LookupError("feature cache used")
 
-    monkeypatch.setattr(train, "_extract_all", spy)
+    monkeypatch.setattr(_feature_cache, "extract_all", spy)
     model = build_finetuner(DIGITS, num_classes=5)
     history = fine_tune(model, images, head_epochs=1, fine_tune_epochs=1, verbose=0)
     assert extracted == [] and "val_loss" in history.history

@@ -26,8 +26,12 @@ _PUBLIC = {
     "get_optimizer": "optim",
     "get_regularizer": "optim",
     "get_schedule": "optim",
+    "interpret": "interpret",
     "load_backbone": "backbones",
+    "lr_find": "lr_find",
     "predict": "predict",
+    "to_onnx": "export",
+    "to_tflite": "export",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tftransfer import _memory
-from tftransfer._checks import is_int
+from tftransfer._checks import invalid, is_int
 
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -30,12 +30,6 @@ DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
 # Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 Spec = collections.namedtuple("Spec", "image_size channels batch_size seed shuffle "
                               "cache augment interpolation validation_split budget")
-
-
-def invalid(arg: str, expected: str, value) -> ValueError:
-    shown = (f"array(shape={value.shape}, dtype={value.dtype})"
-             if isinstance(value, np.ndarray) else repr(value))
-    return ValueError(f"Invalid `{arg}`: expected {expected}. Received: {arg}={shown}")
 
 
 def resolve_shape(model, image_size, channels) -> tuple[tuple[int, int], int]:
@@ -88,8 +82,8 @@ def check_cache(cache):
 
 
 def make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
-               augment, interpolation, validation_split=0.0, cache_budget=None, **_) -> Spec:
-    """Validates the arguments every loader shares (called with ``locals()``)."""
+              augment, interpolation, validation_split=0.0, cache_budget=None) -> Spec:
+    """Validates the arguments every loader shares (called with explicit keywords)."""
     size, channels = resolve_shape(model, image_size, channels)
     if not is_int(batch_size) or batch_size < 1:
         raise invalid("batch_size", "an int >= 1", batch_size)
@@ -152,7 +146,8 @@ def resolve_class_weight(class_weight, class_names, counts) -> dict[int, float] 
 
 def fingerprint(spec: Spec, *parts) -> str:
     """Hash of ``parts`` and of the settings that change cached images."""
-    digest = hashlib.sha1(repr(spec[:2] + spec[3:4] + spec[7:9]).encode())  # not augment
+    cached = (spec.image_size, spec.channels, spec.seed, spec.interpolation, spec.validation_split)
+    digest = hashlib.sha1(repr(cached).encode())  # not augment, batch_size, shuffle, cache
     for part in parts:
         digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
     return digest.hexdigest()[:12]

@@ -156,20 +156,31 @@ def _pick(outputs, handle, output_key, prefer="default"):
     )
 
 
-def model_input(backbone, preprocessing):
-    """`(input tensor, preprocessing layer)` of a FineTuner, or None for images.
+def takes_text(backbone):
+    """Whether a backbone is a text one: strings in, or a BERT encoder's dict of token ids."""
+    if is_text_model(backbone) or hasattr(backbone, "tftransfer_text_preprocessing"):
+        return True
+    try:
+        names = [getattr(t, "name", "") for t in backbone.inputs]
+    except (AttributeError, ValueError):
+        return False
+    return len(names) > 1 and set(names) <= set(BERT_INPUTS)
 
-    Text when `preprocessing` is a layer (or its serialized config) or when the
-    backbone takes strings.
+
+def model_input(backbone, preprocessing):
+    """`(input tensor, preprocessing layer)` of a FineTuner on a text backbone, else None.
+
+    `preprocessing` is then a layer taking strings (or its serialized config);
+    a mode string such as `"none"` means the backbone tokenizes by itself.
     """
+    if not takes_text(backbone):
+        return None
     if isinstance(preprocessing, dict):
         preprocessing = keras.saving.deserialize_keras_object(preprocessing)
-    if isinstance(preprocessing, keras.layers.Layer):
-        preprocessing.name = "preprocessing"
-        return string_input(), preprocessing
-    if is_text_model(backbone):
-        return string_input(), TextInput(name="preprocessing")
-    return None
+    if not isinstance(preprocessing, keras.layers.Layer):
+        preprocessing = TextInput()
+    preprocessing.name = "preprocessing"
+    return string_input(), preprocessing
 
 
 def preprocessing_config(layer):

@@ -67,8 +67,8 @@ _FORMATS_TRIED = (
 
 
 def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=None,
-                  signature=None, output_key=None, safe_mode=True, name=None,
-                  preprocessor=None):
+                  signature=None, output_key=None, safe_mode=True, custom_objects=None,
+                  name=None, preprocessor=None):
     """Loads a pretrained feature extractor as a Keras 3 model.
 
     Args:
@@ -83,11 +83,16 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
         weights: For applications only: `"imagenet"` (downloaded and cached
             by Keras), None (random), or a path to a weights file.
         output_layer: Optional layer name to cut the model at, to take
-            features from an intermediate layer. Keras formats only.
+            features from an intermediate layer. Keras formats only, and
+            not inside a subclassed `keras.Model` (which is used whole,
+            behind a `keras.Input(input_shape)`).
         signature: Optional signature name for signature-only SavedModels.
         output_key: Optional output name when the SavedModel returns a dict.
         safe_mode: Boolean, refuse `.keras` files with arbitrary code
             (`Lambda` layers). Defaults to `True`.
+        custom_objects: Optional dict `{name: class or function}` of the
+            custom layers and functions a `.keras` / `.h5` file refers to,
+            passed to Keras's loader.
         name: Optional name of the returned model.
         preprocessor: For a BERT-style encoder (a SavedModel taking
             `input_word_ids`, `input_mask`, `input_type_ids`): the SavedModel,
@@ -109,16 +114,18 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
     >>> backbone = load_backbone("saved_models/digits_cnn.keras")
     >>> backbone = load_backbone("mobilenet_v2", weights=None, input_shape=(96, 96, 3))
     """
-    model, preprocessing = _dispatch(source, input_shape, weights, signature,
-                                     output_key, safe_mode, preprocessor)
+    with keras.saving.custom_object_scope(custom_objects or {}):
+        model, preprocessing = _dispatch(source, input_shape, weights, signature,
+                                         output_key, safe_mode, preprocessor)
     # A text backbone brings its preprocessing layer (strings in); see `_text_backbones`.
     preprocessing = getattr(model, "tftransfer_text_preprocessing", None) or preprocessing
-    text = not isinstance(preprocessing, str) or _text.is_text_model(model)  # no image shapes
+    text = _text.takes_text(model)  # no image shapes to check or fix
+    subclassed = _is_subclassed(model)
     model = model if text else _ensure_input(model, input_shape)
     if not text:  # a BERT encoder's backbone takes its dict of token ids
         _check_single_input(model, source)
     if output_layer is not None:
-        model = _cut(model, output_layer)
+        model = _cut(model, output_layer, subclassed)
     model = model if text else _add_channel_axis(model)
     if name:
         model.name = name
@@ -207,6 +214,17 @@ def _from_keras_file(path, safe_mode):
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except (zipfile.BadZipFile, KeyError, OSError) as error:  # A damaged archive.
         raise _not_a_file_of(path, "a .keras archive", error) from error
+    except TypeError as error:  # Keras's "Could not locate class ..." for a custom class
+        raise _custom_object_error(path, error) from error
+
+
+def _custom_object_error(path, error):
+    first = str(error).strip().splitlines()[0]
+    return ValueError(
+        f"`source` refers to a custom class or function Keras does not know ({first}). Pass "
+        "it as `custom_objects={'Name': Class}`, or register it with "
+        f"`@keras.saving.register_keras_serializable()` before loading. Received: source={path!r}"
+    )
 
 
 def _from_h5(path, safe_mode):
@@ -311,6 +329,13 @@ def _hub_input_shape(layer):
     concrete = (getattr(fn, "concrete_functions", None) or [fn])[0]
     args, kwargs = concrete.structured_input_signature
     spec = (list(args) + list(kwargs.values()))[0]
+    if isinstance(spec, (dict, list, tuple)):  # named inputs
+        names = sorted(spec) if isinstance(spec, dict) else f"{len(spec)} inputs"
+        raise ValueError(
+            f"`source` is a SavedModel whose function takes named inputs {names}, "
+            "not one image tensor, so it cannot be an image backbone as it is. Wrap it in a "
+            "tf.function taking the image alone (or pass `signature=` naming one that does). "
+            f"Received: source={layer.handle!r}")
     shape = tuple(spec.shape[1:])
     if len(shape) not in (2, 3) or None in shape:
         raise ValueError(
@@ -327,14 +352,23 @@ def _from_application(name, input_shape, weights):
     return model, preprocessing
 
 
+def _is_subclassed(model):
+    """A `keras.Model` subclass that defines `call` itself: Keras records no graph."""
+    return not isinstance(model, keras.Sequential) and not _has_inputs(model)
+
+
 def _ensure_input(model, input_shape):
-    """Gives a model without a defined input (Keras 2 Sequential) one."""
+    """Gives a model without a defined input (Keras 2 Sequential, a subclassed
+    model) one; a subclassed model is wrapped whole behind `keras.Input`."""
     if not _has_inputs(model):
         if input_shape is None:
             raise ValueError(
                 f"The model {model.name!r} has no defined input shape; pass "
                 "`input_shape=(H, W, C)`. Received: input_shape=None"
             )
+        if _is_subclassed(model):
+            inputs = keras.Input(tuple(input_shape), name="image")
+            return keras.Model(inputs, model(inputs), name=model.name)
         model.build((None, *input_shape))
     elif input_shape is not None and None not in model.input_shape[1:] and (
             tuple(model.input_shape[1:]) not in (tuple(input_shape), tuple(input_shape)[:-1])):
@@ -376,7 +410,13 @@ def _has_inputs(model):
         return False
 
 
-def _cut(model, layer_name):
+def _cut(model, layer_name, subclassed=False):
+    if subclassed:
+        raise ValueError(
+            f"`output_layer` cannot cut inside {model.name!r}: it is a subclassed keras.Model, "
+            "whose graph Keras does not record, so it is used whole. Build the cut as a "
+            "functional model, or drop `output_layer`. Received: "
+            f"output_layer={layer_name!r}")
     names = [layer.name for layer in model.layers]
     if layer_name not in names:
         matches = close_matches(layer_name, names)
@@ -385,4 +425,21 @@ def _cut(model, layer_name):
             f"`output_layer` is not a layer of {model.name!r}.{hint} "
             f"Received: output_layer={layer_name!r}"
         )
-    return keras.Model(model.inputs, model.get_layer(layer_name).output, name=model.name)
+    return keras.Model(model.inputs, _output_in(model, model.get_layer(layer_name)),
+                       name=model.name)
+
+
+def _output_in(model, layer):
+    """The output of `layer` where `model` calls it: a layer first called in
+    another model has its first output there, not connected to `model.inputs`."""
+    # `_inbound_nodes` is private: Keras 3 has no public "output of this layer in
+    # this model" (`layer.output` is its first call's), and this keeps the weights.
+    for node in layer._inbound_nodes:
+        outputs = node.output_tensors
+        outputs = outputs[0] if len(outputs) == 1 else outputs
+        try:
+            keras.Model(model.inputs, outputs)
+        except ValueError:  # "... is not connected to `inputs`": another model's call
+            continue
+        return outputs
+    return layer.output

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer import _checks, _folders, _images, _pipeline, _settings, _text_data
+from tftransfer._checks import invalid
 from tftransfer._text_data import TextData, from_csv, from_text_arrays, from_text_directory  # noqa: F401
 
 IMAGE_EXTENSIONS = _images.EXTENSIONS
@@ -121,11 +122,11 @@ def _indexed(spec, load, labels, names, class_weight, key, skipped=None,
 def _list_images(root) -> _folders.Listing:
     """The cheap listing of ``root``; warns once about the files it leaves out."""
     if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
-        raise _settings.invalid("path", "an existing directory with one subfolder per class", root)
+        raise invalid("path", "an existing directory with one subfolder per class", root)
     classes = sorted(e.name for e in os.scandir(root)
                      if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise _settings.invalid("path", "a directory with one subfolder of images per class "
+        raise invalid("path", "a directory with one subfolder of images per class "
                        "(e.g. path/cat/1.jpg, path/dog/2.png)", root)
     listing = _folders.list_images(root, classes)
     message = _folders.listing_warning(listing.bad, listing.excluded)
@@ -134,9 +135,9 @@ def _list_images(root) -> _folders.Listing:
     counts = np.bincount(listing.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise _settings.invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
+        raise invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
                        f"per class subfolder; none in {empty} ({len(listing.bad)} undecodable "
-                       "file(s) skipped overall)", root)
+                       "file(s) skipped overall)", root, verb="hold")
     return listing
 
 
@@ -146,13 +147,19 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
                    interpolation="bilinear", cache_budget=None) -> ImageData:
     """Loads ``path/<class_name>/**/<image>`` (one subfolder per class).
 
-    Listing reads no image: files with an image extension (jpg, jpeg, png,
-    bmp, gif, webp; any case) are kept when their first bytes are those of an
-    image. The others, and files that still fail to decode while reading
-    (truncated ones), are left out without stopping the epoch: they are named
-    in one warning each time (at listing, and at the end of the first pass
-    over each split) and in ``skipped``. Files with another extension are
-    counted in the listing's warning. Hidden files and folders are ignored.
+    Listing decodes no image (the rule ``predict`` follows too): files with
+    an image extension (jpg, jpeg, png, bmp, gif, webp; any case) are kept
+    when their first bytes are those of an image and their end is there
+    (JPEG's end marker, PNG's IEND chunk, ...: a truncated file is found
+    before the first epoch). The others, files of image formats TensorFlow
+    cannot read (``.tif``, ``.heic``, ...), and the rare file that still
+    fails to decode while reading are left out without stopping the epoch:
+    they are named in one warning each time (at listing, and at the end of
+    the first pass over each split) and in ``skipped``. Files with another
+    extension are counted in the listing's warning. Hidden files and folders
+    (and macOS's ``._*`` files) are ignored; symbolic links are followed.
+    Images are decoded by ``tftransfer._images.decode``: first frame of an
+    animation, 16-bit scaled to 8, EXIF orientation applied.
 
     Args:
         path: Root directory; class names are its sorted subfolder names.
@@ -188,10 +195,13 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
         ...                       augment=["flip", "zoom"], class_weight="balanced")
         >>> images, labels = next(iter(data.train))  # float32 0-255, int32
     """
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        validation_split=validation_split, cache_budget=cache_budget)
     listing = _list_images(path)
     key = spec.cache not in CACHE_MODES and _settings.fingerprint(
-        spec, listing.paths, [os.stat(p)[8:] for p in listing.paths])  # sizes and times
+        spec, listing.paths, [_size_and_time(p) for p in listing.paths])
     files, targets = tf.constant(listing.paths, tf.string), tf.constant(listing.labels)
     size, mode = spec.image_size, spec.interpolation
 
@@ -205,25 +215,58 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
                     listing.bad, check)
 
 
-def _check_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y)
+def _check_arrays(x, y, class_names):
+    """``(x, int32 y, class_names)``: images with a channel axis, labels as indices."""
+    x = _stack_images(x)
     x = x[..., None] if x.ndim == 3 else x
-    if x.ndim != 4 or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
-        raise _settings.invalid("x", "uint8 or float images of shape [n, H, W] or [n, H, W, C]", x)
-    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 \
-            or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise _settings.invalid("y", f"{len(x) or 'n'} non-negative integer labels of shape [n]", y)
+    if x.ndim != 4:
+        raise invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
+    _images.check_pixels(x, "x")
+    y, class_names = _label_indices(np.asarray(y), class_names)
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
+        raise invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class names) of "
+                      "shape [n]", y)
     if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
         warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
                       "expected (models preprocess themselves).", stacklevel=3)
-    return x, y.astype(np.int32)
+    return x, y.astype(np.int32), class_names
+
+
+def _stack_images(x):
+    """``x`` as one array; a list of images of different sizes is refused by name."""
+    if isinstance(x, (list, tuple)):
+        shapes = sorted({np.shape(image) for image in x})
+        if len(shapes) > 1:
+            raise invalid("x", "images of one size (resize them first, or load "
+                          f"them with from_directory); found sizes {shapes[:4]}",
+                          f"a list of {len(x)} images")
+    return np.asarray(x)
+
+
+def _label_indices(y, class_names):
+    """Integer labels from integers, whole-number floats or class names."""
+    if y.dtype.kind in "USO":  # names: mapped to class_names (default: sorted)
+        names = [str(v) for v in y.ravel()]
+        class_names = sorted(set(names)) if class_names is None else class_names
+        known = {str(c): i for i, c in enumerate(class_names)}
+        unknown = sorted(set(names) - set(known))
+        if unknown or y.ndim != 1:
+            raise invalid("y", f"labels that are names in class_names={list(class_names)}"
+                          f" (unknown: {unknown[:5]})", y)
+        return np.asarray([known[n] for n in names]), class_names
+    if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.isfinite(y)) \
+            and np.all(y == np.round(y)):
+        y = y.astype(np.int64)  # whole-number floats, as fine_tune takes them
+    if not np.issubdtype(y.dtype, np.integer):
+        raise invalid("y", "integer labels, whole-number floats or class names", y)
+    return y, class_names
 
 
 def _names_for(class_names, num_labels: int) -> list[str]:
     if class_names is None:
         return [str(i) for i in range(num_labels)]
     if isinstance(class_names, str) or len(class_names) < num_labels:
-        raise _settings.invalid("class_names", f"a list of at least {num_labels} names "
+        raise invalid("class_names", f"a list of at least {num_labels} names "
                        "(one per label)", class_names)
     return [str(c) for c in class_names]
 
@@ -235,9 +278,12 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
     """Builds pipelines from in-memory images ``x`` and integer labels ``y``.
 
     Args:
-        x: ``[n, H, W]`` or ``[n, H, W, C]`` uint8 or float raw pixels (0-255);
-            channels are converted to the model's (gray <-> RGB, RGBA -> RGB).
-        y: ``[n]`` integer class indices.
+        x: ``[n, H, W]`` or ``[n, H, W, C]`` raw pixels (0-255): uint8, other
+            integers within 0-255, or floats without NaN; bool and 16-bit
+            values are refused (divide 16-bit images by 257). Channels are
+            converted to the model's (gray <-> RGB, RGBA -> RGB).
+        y: ``[n]`` integer class indices (whole-number floats accepted), or
+            class names, mapped to ``class_names`` (default: sorted names).
         class_names: Optional names; default ``"0"`` .. ``str(max(y))``.
         **others: As in :func:`from_directory`.
 
@@ -253,8 +299,11 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         return from_text_arrays(x, y, class_names=class_names, batch_size=batch_size,
                                 validation_split=validation_split, seed=seed, shuffle=shuffle,
                                 class_weight=class_weight)
-    spec = _settings.make_spec(**locals())
-    x, y = _check_arrays(x, y)
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        validation_split=validation_split, cache_budget=cache_budget)
+    x, y, class_names = _check_arrays(x, y, class_names)
     _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
     key = spec.cache and _settings.fingerprint(spec, x, y)
@@ -276,7 +325,7 @@ def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
     image = spec[0].shape if isinstance(spec, tuple) and len(spec) == 2 else None
     if image is None or image.rank not in (2, 3) or image[-1] is None and image.rank == 3 \
             or spec[1].shape.rank != 0 or not spec[1].dtype.is_integer:
-        raise _settings.invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
+        raise invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
                        "known C, integer label []) pairs, or batches of them", ds)
     return ds
 
@@ -321,7 +370,10 @@ def from_dataset(ds, *, validation=None, class_names=None, model=None,
         >>> ds = tf.data.Dataset.from_tensor_slices((images, labels))
         >>> data = from_dataset(ds, class_names=["cat", "dog"], model=model)
     """
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        cache_budget=cache_budget)
     ds = _check_element_spec(ds, "ds")
     validation = validation and _check_element_spec(validation, "validation")
     count = class_names is None or class_weight == "balanced"
@@ -355,7 +407,7 @@ def _tfds_builder(name: str, data_dir, download: bool):
     keys = builder.info.supervised_keys
     if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
             and isinstance(builder.info.features[keys[1]], tfds.features.ClassLabel)):
-        raise _settings.invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
+        raise invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
     return builder, keys
 
 
@@ -382,10 +434,13 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
     """
     import tensorflow_datasets as tfds
 
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        cache_budget=cache_budget)
     splits = (split, None) if isinstance(split, str) else split
     if not isinstance(splits, (tuple, list)) or len(splits) != 2 or not isinstance(splits[0], str):
-        raise _settings.invalid("split", "a TFDS split string or (train, validation_or_None)", split)
+        raise invalid("split", "a TFDS split string or (train, validation_or_None)", split)
     builder, (image_key, label_key) = _tfds_builder(name, data_dir, download)
     names, counts = builder.info.features[label_key].names, None
     read = functools.partial(builder.as_dataset, as_supervised=True,
@@ -397,3 +452,9 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
                   read(split=splits[1]) if splits[1] else None)
     return _stream(spec, train, val, names, counts, class_weight,
                    (name, str(builder.data_dir), splits), _num_images(train, val))
+
+
+def _size_and_time(path):
+    """What changes when a file is rewritten: its size and modification time."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns

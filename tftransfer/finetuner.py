@@ -2,9 +2,9 @@
 
 import keras
 
-from tftransfer import _checks, heads, optim
+from tftransfer import _checks, heads, optim, tasks
 from tftransfer.backbones import load_backbone
-from tftransfer.distribute import prepare_model, scope
+from tftransfer.distribute import scope
 from tftransfer.model import FineTuner
 
 
@@ -12,7 +12,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
                     dropout=0.0, hidden_units=(), regularizer=None, optimizer="adam",
                     learning_rate=1e-3, task="classification", strategy=None,
                     weights="imagenet", output_layer=None, signature=None, output_key=None,
-                    safe_mode=True, preprocessing=None, freeze_batchnorm=True,
+                    safe_mode=True, custom_objects=None, preprocessing=None, freeze_batchnorm=True,
                     regularize_backbone=False, label_smoothing=0.0, weight_decay=None,
                     optimizer_options=None, loss="auto", metrics="auto", pooling="avg",
                     class_names=None, dtype_policy=None, jit_compile="auto",
@@ -60,8 +60,14 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         output_key: Output name for SavedModels that return dicts.
         safe_mode: Refuse `.keras` files holding arbitrary code. Defaults to
             `True`.
+        custom_objects: Optional dict `{name: class or function}` of custom
+            layers a `.keras` / `.h5` backbone refers to (Keras's loader
+            argument).
         preprocessing: Override the backbone's preprocessing mode (`"none"`,
-            `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`).
+            `"tf"`, `"torch"`, `"caffe"`, `"rescale:1/255,0"`), or any other
+            normalization as `{"mean": [...], "std": [...],
+            "channel_order": "rgb" or "bgr"}` in 0-255 units, or a Keras
+            layer taking 0-255 pixels; saved with the model.
         freeze_batchnorm: Keep BatchNormalization layers in inference mode
             even where the backbone trains. Defaults to `True`.
         regularize_backbone: Also regularize the backbone's kernels.
@@ -96,14 +102,17 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     """
     if num_classes is None and class_names is not None and not isinstance(class_names, str):
         num_classes = len(class_names)
-    num_classes, hidden_units = _checks.finetuner_arguments(**locals())
+    num_classes, hidden_units = _checks.finetuner_arguments(
+        num_classes=num_classes, input_shape=input_shape, dropout=dropout,
+        hidden_units=hidden_units, label_smoothing=label_smoothing, weight_decay=weight_decay,
+        pooling=pooling)
+    task = tasks.check_task(task)
     num_classes = heads.check_num_classes(num_classes, task)
-    heads.TASKS.lookup(task)
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,
                              output_key=output_key, safe_mode=safe_mode,
-                             preprocessor=preprocessor)
+                             custom_objects=custom_objects, preprocessor=preprocessor)
         reg = optim.get_regularizer(regularizer)
         recipe = _recipe(optimizer, learning_rate, weight_decay, optimizer_options,
                          label_smoothing, trainable, freeze_batchnorm, jit_compile)
@@ -118,16 +127,17 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
         instance = optimizer if isinstance(optimizer, keras.optimizers.Optimizer) else "auto"
         model.compile(optimizer=instance, loss=loss, metrics=metrics)  # an instance is used as is
-    return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
+    return model
 
 
 def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,
             freeze_batchnorm, jit_compile):
-    schedule = optim.get_schedule(learning_rate)  # validated here, before anything is built
-    if isinstance(optimizer, keras.optimizers.Optimizer):
+    if isinstance(optimizer, keras.optimizers.Optimizer):  # compiled as is: its rate is the base
+        learning_rate = optimizer.get_config()["learning_rate"]
         optimizer = keras.optimizers.serialize(optimizer)
     else:
         optim.get_optimizer(optimizer, **dict(options or {}))  # validated
+    schedule = optim.get_schedule(learning_rate)  # validated here, before anything is built
     return {
         "optimizer": optimizer,
         "optimizer_options": dict(options or {}),

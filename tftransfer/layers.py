@@ -17,6 +17,7 @@ import urllib.error
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 _HUB_PREFIX = "hub:"
@@ -172,6 +173,11 @@ class HubLayer(keras.layers.Layer):
             feeds. Defaults to the signature's only input.
         tags: Optional list of MetaGraph tags (TF1 SavedModels), e.g.
             `["serve"]`.
+        freeze_batchnorm: Boolean, call the SavedModel in inference mode
+            (`training=False`) even while its variables train, so its
+            BatchNormalization keeps the pretrained moving statistics (its
+            dropout is off too). `tftransfer.freezing.apply` sets it from
+            its own `freeze_batchnorm`. Defaults to `False`.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, which
             defaults to `"float32"`: the SavedModel's dtypes are fixed).
 
@@ -183,7 +189,7 @@ class HubLayer(keras.layers.Layer):
 
     def __init__(self, handle, trainable=False, arguments=None, *, signature=None,
                  signature_outputs_as_dict=False, output_key=None, output_shape=None,
-                 input_key=None, tags=None, **kwargs):
+                 input_key=None, tags=None, freeze_batchnorm=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(trainable=trainable, **kwargs)
         handle = os.fspath(handle)
@@ -195,6 +201,7 @@ class HubLayer(keras.layers.Layer):
         self.output_key = output_key
         self.input_key = input_key
         self.tags = list(tags) if tags is not None else None
+        self.freeze_batchnorm = bool(freeze_batchnorm)
         self._shapes_config = _plain_shapes(output_shape)
         self._shapes = None if output_shape is None else _tensor_shapes(self._shapes_config)
         self._load()
@@ -275,9 +282,12 @@ class HubLayer(keras.layers.Layer):
 
     def _track_weights(self, loaded):
         trainable, non_trainable = _variables_of(loaded, self._endpoint)
-        for v in trainable + non_trainable:
-            is_trainable = any(v is t for t in trainable)
-            self._track_variable(keras.Variable(v, trainable=is_trainable, name=_keras_name(v)))
+        variables = [keras.Variable(v, trainable=any(v is t for t in trainable),
+                                    name=_keras_name(v)) for v in trainable + non_trainable]
+        self.hub_variables = variables  # a list set as an attribute: Keras tracks each variable
+        if not self.trainable:  # as `add_weight` does in a frozen layer, once tracked
+            for v in variables:
+                v.trainable = False
         if self.trainable and not trainable:
             warnings.warn(
                 f"HubLayer is trainable but has zero trainable weights: the SavedModel at "
@@ -294,7 +304,8 @@ class HubLayer(keras.layers.Layer):
     # ------------------------------------------------------------ calling
 
     def call(self, inputs, training=None):
-        outputs = self._forward(inputs, bool(training) and self.trainable)
+        training = bool(training) and self.trainable and not self.freeze_batchnorm
+        outputs = self._forward(inputs, training)
         if self.trainable:  # The publisher's weight penalties train with the weights.
             for loss in self._regularization_losses:
                 self.add_loss(loss())
@@ -402,6 +413,7 @@ class HubLayer(keras.layers.Layer):
             output_shape=self._shapes_config,
             input_key=self.input_key,
             tags=self.tags,
+            freeze_batchnorm=self.freeze_batchnorm,
         )
         return config
 
@@ -421,7 +433,8 @@ class HubLayer(keras.layers.Layer):
 _CAFFE_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-PREPROCESSING_MODES = ("none", "tf", "torch", "caffe", "rescale:<scale>,<offset>")
+PREPROCESSING_MODES = ("none", "tf", "torch", "caffe", "rescale:<scale>,<offset>",
+                       "{\"mean\": ..., \"std\": ..., \"channel_order\": \"rgb\"}")
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
@@ -434,15 +447,35 @@ class ImagePreprocessing(keras.layers.Layer):
     Args:
         mode: String. `"none"` (identity), `"tf"` (to [-1, 1]), `"torch"`
             (to [0, 1], then ImageNet mean/std), `"caffe"` (RGB->BGR, minus
-            ImageNet mean), or `"rescale:<scale>,<offset>"`.
+            ImageNet mean), or `"rescale:<scale>,<offset>"`; or a dict
+            `{"mean": [...], "std": [...], "channel_order": "rgb"}` for any
+            other normalization: `(pixels - mean) / std`, both in 0-255
+            units (a number or one per channel; defaults 0 and 1), after
+            reordering the channels to `"bgr"` if asked; or a Keras layer
+            taking 0-255 pixels (saved with the model, weights included).
+
+    Example:
+        >>> ImagePreprocessing({"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]})
     """
 
     def __init__(self, mode="none", **kwargs):
         super().__init__(**kwargs)
-        self.mode = _check_mode(mode)
+        self.layer = None
+        if isinstance(mode, keras.layers.Layer):  # kept in the config as Keras serializes it
+            mode = {"layer": keras.saving.serialize_keras_object(mode)}
+        if isinstance(mode, dict) and set(mode) == {"layer"}:
+            self.layer, self.mode = keras.saving.deserialize_keras_object(mode["layer"]), mode
+        else:
+            self.mode = _check_mode(mode)
+
+    def build(self, input_shape):
+        if self.layer is not None and not self.layer.built:
+            self.layer.build(input_shape)
 
     def call(self, images):
         x = keras.ops.cast(images, self.compute_dtype)
+        if self.layer is not None:
+            return self.layer(x)
         if self.mode == "none":
             return x
         if self.mode == "tf":
@@ -451,6 +484,10 @@ class ImagePreprocessing(keras.layers.Layer):
             return (x / 255.0 - keras.ops.array(_TORCH_MEAN)) / keras.ops.array(_TORCH_STD)
         if self.mode == "caffe":
             return keras.ops.flip(x, axis=-1) - keras.ops.array(_CAFFE_MEAN)
+        if isinstance(self.mode, dict):
+            x = keras.ops.flip(x, axis=-1) if self.mode["channel_order"] == "bgr" else x
+            mean, std = (keras.ops.array(self.mode[k], self.compute_dtype) for k in ("mean", "std"))
+            return (x - mean) / std
         scale, offset = _rescale_factors(self.mode)
         return x * scale + offset
 
@@ -472,7 +509,36 @@ def eval_fraction(text):
     return float(num) / float(den or 1)
 
 
+_NORMALIZATION_KEYS = ("mean", "std", "channel_order")
+
+
+def _check_normalization(mode):
+    """A `{"mean", "std", "channel_order"}` dict with lists of floats, or a ValueError."""
+    def fail(why):
+        return ValueError(
+            f"`preprocessing` as a dict takes {', '.join(map(repr, _NORMALIZATION_KEYS))}: mean "
+            "and std in 0-255 units (a number or one per channel, std > 0), channel_order "
+            f"'rgb' or 'bgr' ({why}). Received: preprocessing={mode!r}")
+
+    unknown = sorted(set(mode) - set(_NORMALIZATION_KEYS), key=str)
+    if unknown:
+        raise fail(f"unknown key(s) {unknown}")
+    order = mode.get("channel_order", "rgb")
+    if order not in ("rgb", "bgr"):
+        raise fail("unknown channel_order")
+    try:
+        mean, std = ([float(v) for v in np.ravel(mode.get(k, d))] for k, d in (("mean", 0.0),
+                                                                              ("std", 1.0)))
+    except (TypeError, ValueError):
+        raise fail("mean and std must be numbers") from None
+    if not mean or not std or min(std) <= 0 or not np.all(np.isfinite(mean + std)):
+        raise fail("std must be > 0, both finite")
+    return {"mean": mean, "std": std, "channel_order": order}
+
+
 def _check_mode(mode):
+    if isinstance(mode, dict):
+        return _check_normalization(mode)
     if mode in ("none", "tf", "torch", "caffe"):
         return mode
     if isinstance(mode, str) and mode.startswith("rescale:"):

@@ -23,22 +23,28 @@ Example:
 """
 
 import copy
+import re
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _text_backbones, freezing, heads, optim
+from tftransfer import _text_backbones, freezing, heads, optim, tasks
+from tftransfer._names import DTYPE_POLICIES
+from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# `layerwise_lr_decay="auto"`: the head learns this many times faster than the
+# bottom backbone layer (fastai's `slice(lr / 100, lr)` spans 100x; 30x gained
+# more on bench/two_stage.py).
+AUTO_LR_RANGE = 30.0
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
 INPUT_RANGE = (0.0, 255.0)
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
-class FineTuner(keras.Model):
+class FineTuner(MultiWorkerSteps, keras.Model):
     """A transfer-learning model: preprocessing, pretrained backbone, new head.
 
     Most users get one from `build_finetuner`; the constructor takes the
@@ -51,9 +57,10 @@ class FineTuner(keras.Model):
         task: `"classification"`, `"multi_label"` or `"regression"`.
         preprocessing: The backbone's input preprocessing, an
             `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
-            `"rescale:<scale>,<offset>"`); for text backbones a layer taking
-            strings (a BERT preprocessor `HubLayer` or `TextInput`), and then
-            the model's input is a batch of strings.
+            `"rescale:<scale>,<offset>"`, a `{"mean", "std", "channel_order"}`
+            dict) or a Keras layer; for text backbones (detected from
+            the backbone) a layer taking strings (a BERT preprocessor
+            `HubLayer` or `TextInput`), and the model's input is strings.
         hidden_units: Sequence of integers, ReLU layers in the head.
         dropout: Float in [0, 1), dropout in the head.
         regularizer: Optional Keras regularizer (or identifier) of the head's
@@ -72,6 +79,7 @@ class FineTuner(keras.Model):
                  hidden_units=(), dropout=0.0, regularizer=None, pooling="avg",
                  class_names=None, source=None, recipe=None, dtype_policy=None,
                  name="finetuner", **kwargs):
+        task = tasks.check_task(task)
         num_classes = heads.check_num_classes(num_classes, task)
         policy = _check_dtype_policy(dtype_policy)
         if policy is not None:
@@ -152,7 +160,7 @@ class FineTuner(keras.Model):
 
     @class_names.setter
     def class_names(self, names):
-        self._class_names = _check_class_names(names, self._num_classes)
+        self._class_names = tasks.check_class_names(names, self._num_classes)
 
     @property
     def input_range(self):
@@ -192,7 +200,8 @@ class FineTuner(keras.Model):
             learning_rate: Float or schedule; defaults to the base rate.
             layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
                 backbone layer from the top learns at `rate * decay**k`, the
-                head at `rate`.
+                head at `rate`; `"auto"` spreads the backbone's rates over
+                30x (see `layerwise_multipliers`).
 
         Returns:
             A `keras.optimizers.Optimizer` (serializable with its rates).
@@ -208,13 +217,44 @@ class FineTuner(keras.Model):
 
     def layerwise_multipliers(self, decay):
         """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
-        k=1 at the top (the keys survive save and reload)."""
-        layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
+        k=1 at the top (the keys survive save and reload).
+
+        A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
+        and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
+        bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
+        (30x) from the head to the bottom layer of the whole backbone
+        (BatchNormalization aside), whatever the depth:
+        `decay = (1 / 30) ** (1 / layers)`; with `"top:N"` only the top N
+        train, at the rates of their depth.
+        """
+        groups = self._depth_groups()
+        if isinstance(decay, str):  # "auto"
+            depth = len(self._depth_groups(trainable_only=False))
+            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, depth))
         multipliers = {}
-        for depth, layer in enumerate(reversed(layers), start=1):
-            for variable in layer.trainable_weights:
-                multipliers[f"{layer.name}/{variable.name}"] = float(decay) ** depth
+        for depth, keys in enumerate(reversed(groups), start=1):
+            for key in keys:
+                multipliers[key] = float(decay) ** depth
         return multipliers
+
+    def _depth_groups(self, trainable_only=True):
+        """Lists of `"<layer>/<variable>"` keys of the trainable backbone (or of
+        all of it, BatchNormalization aside), bottom to top."""
+        groups = []
+        for layer in freezing.leaf_layers(self._backbone):
+            weights = layer.trainable_weights if trainable_only else (
+                [] if isinstance(layer, keras.layers.BatchNormalization) else layer.weights)
+            if not weights:
+                continue
+            if not isinstance(layer, HubLayer):
+                groups.append([f"{layer.name}/{v.name}" for v in weights])
+                continue
+            by_prefix = {}
+            for v in weights:
+                prefix = re.split(r"__|/", v.name)[0]  # conv1__kernel -> conv1
+                by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
+            groups += list(by_prefix.values())
+        return groups
 
     def _bind(self, optimizer):
         """Binds layer-wise rates (keyed by layer and variable name) to this model's variables."""
@@ -226,16 +266,12 @@ class FineTuner(keras.Model):
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         """`keras.Model.compile` with `"auto"` defaults from the recipe and task.
 
-        An explicit optimizer becomes the recipe's: `fine_tune` builds its
-        stages from it.
+        An explicit optimizer is used as given (`fit` trains with it); the
+        recipe does not change, so `fine_tune` and `compile_stage` still
+        build their optimizers from it (set it with `build_finetuner`).
         """
-        if optimizer == "auto":
-            optimizer = self.stage_optimizer()
-        else:
-            optimizer = optim.get_optimizer(optimizer)
-            config = optimizer.get_config()
-            self._recipe.update({"optimizer": keras.optimizers.serialize(optimizer),
-                                 "learning_rate": config["learning_rate"]})
+        optimizer = self.stage_optimizer() if optimizer == "auto" else optim.get_optimizer(
+            optimizer)
         if loss == "auto":
             loss = heads.auto_loss(self._task, self._num_classes,
                                    self._recipe.get("label_smoothing", 0.0))
@@ -272,7 +308,7 @@ class FineTuner(keras.Model):
         Used to train stage 1 on cached features.
         """
         inputs = keras.Input(self._backbone.output_shape[1:], name="features")
-        model = keras.Model(inputs, self._head(inputs), name="head_model")
+        model = _HeadModel(inputs, self._head(inputs), name="head_model")
         self._compile_like(model, self.stage_optimizer(learning_rate))
         return model
 
@@ -296,18 +332,18 @@ class FineTuner(keras.Model):
 
     # === Input checks ===
     def warn_if_unit_range(self, images, argument="x"):
-        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model."""
+        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model.
+
+        Reads the first images only, unless they look like 0-1 data: then
+        all of them decide, so a call with raw pixels costs a small sample.
+        """
         if self._warned_unit_range or not _is_array(images):
             return
-        array = np.asarray(images)
-        if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
+        high = _pixel_max(images)
+        if high is not None and high <= 1.0:
             self._warned_unit_range = True
-            warnings.warn(
-                f"`{argument}` looks like images scaled to [0, 1] (max {float(np.nanmax(array)):g}), "
-                f"but model {self.name!r} takes raw pixels in [0, 255] (its preprocessing layer "
-                "scales them for the backbone). Multiply the images by 255.",
-                stacklevel=3,
-            )
+            warnings.warn(unit_range_message(argument, float(high), self.name,
+                                             self._preprocessing.mode), stacklevel=3)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self.warn_if_unit_range(x)
@@ -345,6 +381,27 @@ class FineTuner(keras.Model):
         return cls(**config)
 
 
+class _HeadModel(MultiWorkerSteps, keras.Model):
+    """The functional head model of `FineTuner.head_model` (trains across workers too)."""
+
+
+def unit_range_message(argument, peak, name, mode):
+    """The warning for images that look scaled to [0, 1], worded by preprocessing `mode`."""
+    start = (f"`{argument}` looks like images scaled to [0, 1] (max {peak:g}), but model "
+             f"{name!r} takes raw pixels in [0, 255]")
+    if mode is None:
+        return f"{start}. Multiply the images by 255."
+    if mode == "none":
+        return (f"{start}, and its preprocessing is 'none': the backbone receives the pixels "
+                "unchanged, so here values in [0, 1]. Multiply the images by 255; if the "
+                "backbone was trained on [0, 1] inputs, declare it when building, with "
+                "`preprocessing=\"rescale:1/255,0\"` (or `{\"mean\": ..., \"std\": ...}`), and "
+                "feed 0-255 pixels.")
+    shown = f"mode {mode!r}" if not isinstance(mode, dict) or "layer" not in mode else "a layer"
+    return (f"{start} (its preprocessing, {shown}, scales them for the backbone). "
+            "Multiply the images by 255.")
+
+
 def _check_dtype_policy(policy):
     if policy is None:
         return None
@@ -375,21 +432,27 @@ def _regularize(backbone, regularizer):
             kernel.regularizer = regularizer
 
 
-def _check_class_names(names, num_classes):
-    if names is None:
-        return None
-    names = list(names) if not isinstance(names, str) else None
-    if names is None or len(names) != num_classes or not all(
-            isinstance(n, str) and n and "\n" not in n for n in names):
-        raise ValueError(
-            f"`class_names` must be a list of {num_classes} non-empty strings without "
-            f"newlines, one per output. Received: class_names={names!r}"
-        )
-    return names
-
-
 def _serialize(obj):
     return None if obj is None else keras.saving.serialize_keras_object(obj)
+
+
+# The images the 0-1 check reads first; all are read only when these look 0-1.
+_RANGE_SAMPLE = 32
+
+
+def _pixel_max(images):
+    """The largest value of float `images` (NaN ignored), or None for other
+    dtypes and empty arrays; decided by the first `_RANGE_SAMPLE` images when
+    one of them holds a value above 1."""
+    sample = np.asarray(images[:_RANGE_SAMPLE] if np.ndim(images) else images)
+    if not sample.size or not np.issubdtype(sample.dtype, np.floating):
+        return None
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN sample
+        high = np.nanmax(sample)
+        if high > 1.0 or sample.ndim == 0 or len(sample) == len(images):
+            return high
+        return np.nanmax(np.asarray(images))
 
 
 def _is_array(x):

@@ -1,6 +1,7 @@
-"""`python -m tftransfer.export verify DIR [--compare MODEL.keras]`.
+"""`python -m tftransfer.export verify DIR [--compare MODEL.keras]` and
+`python -m tftransfer.export tflite MODEL OUT [--quantize int8 --data DIR] [--format onnx]`.
 
-Exit codes: 0 the export is ready for TF Serving, 1 problems found, 2 usage.
+Exit codes: 0 the export is ready (published), 1 problems found (not published), 2 usage.
 """
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tftransfer.export import _deploy_cli  # noqa: E402
 from tftransfer.export.verify import VerifyError, verify_export  # noqa: E402
 
 
@@ -24,6 +26,7 @@ def _parser():
     verify.add_argument("--compare", metavar="MODEL.keras",
                         help="Keras model that serving_default must match")
     verify.add_argument("--model-name", help="model name in the curl command")
+    _deploy_cli.add_command(commands)
     return parser
 
 
@@ -32,6 +35,8 @@ def main(argv=None):
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "tflite":
+            return _deploy_cli.run(args)
         for path in (args.dir, args.compare):
             if path is not None and not os.path.exists(path):
                 parser.error(f"no such file or directory: {path}")

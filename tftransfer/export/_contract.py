@@ -13,7 +13,6 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-TASKS = ("classification", "multi_label", "regression")
 EXTRA_FORMATS = ("keras", "tflite")
 DEFAULT_SIGNATURE = "serving_default"  # images: float32 [batch, H, W, C] in 0-255
 BYTES_SIGNATURE = "serving_bytes"  # image_bytes: string [batch], encoded images
@@ -64,3 +63,28 @@ def samples_for(signature, batch=1, seed=0):
     if spec.dtype == tf.string and spec.name == TEXTS_INPUT:
         return sample_texts(batch, seed)
     return sample_images(tuple(spec.shape[1:]), batch, seed)
+
+
+def label_mismatch(outputs, names):
+    """How the graph's own `labels` output disagrees with `names`, or None.
+
+    Args:
+        outputs: The outputs of a classification `serving_default` call
+            (`classes` and `labels`, as the writer makes them).
+        names: The class names read beside the graph (`labels.txt`).
+
+    Returns:
+        A string naming the first class whose names differ, or None when
+        they agree (or the outputs have no `labels`).
+    """
+    if "labels" not in outputs or "classes" not in outputs:
+        return None
+    classes = np.asarray(outputs["classes"]).ravel()
+    graph = [x.decode() if isinstance(x, bytes) else str(x)
+             for x in np.asarray(outputs["labels"]).ravel()]
+    for index, label in zip(classes, graph):
+        listed = names[index] if 0 <= index < len(names) else None
+        if listed != label:
+            return (f"class {int(index)} is {label!r} in the graph's `labels` output but "
+                    f"{listed!r} in {LABELS_FILE}")
+    return None

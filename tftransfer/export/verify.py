@@ -22,6 +22,7 @@ from tftransfer.export._contract import (
     WARMUP_FILE,
     encode_png,
     existing_versions,
+    label_mismatch,
     sample_images,
     samples_for,
 )
@@ -167,7 +168,9 @@ def _check_labels(vdir, loaded, meta):
                 f"has {n} outputs"]
     if meta.get("class_names") not in (None, lines):
         return [f"assets/{LABELS_FILE} differs from {METADATA_FILE}"]
-    return []
+    images = sample_images(_image_shape(loaded), batch=8, seed=3)
+    mismatch = label_mismatch(_call_default(loaded, images), lines)
+    return [f"assets/{LABELS_FILE} disagrees with the graph: {mismatch}"] if mismatch else []
 
 
 def _check_bytes_path(loaded):

@@ -18,7 +18,7 @@ def _parser():
         prog="python -m tftransfer.predict",
         description="Predict labels for image files or folders with a tftransfer model.",
         epilog="Exit codes: 0 done, 2 bad arguments, model or images.")
-    p.add_argument("model", help="a .keras file or a serving export directory")
+    p.add_argument("model", help="a .keras or .tflite file, or a serving export directory")
     p.add_argument("images", nargs="*",
                    help="image files and/or folders (searched recursively); for a text model, "
                         ".txt files and/or folders of them")
@@ -26,6 +26,8 @@ def _parser():
                    help="a sentence for a text model (repeatable)")
     p.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the scores over flips and corner crops (test-time augmentation)")
     p.add_argument("--csv", metavar="FILE", help="also write the results to this CSV file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     return p
@@ -68,28 +70,60 @@ def main(argv=None):
     if not args.images and not args.text:
         print("error: give images, .txt files or --text SENTENCE", file=sys.stderr)
         return 2
-    if args.csv and os.path.exists(args.csv) and not args.overwrite:
-        print(f"error: --csv file {args.csv!r} exists; pass --overwrite to replace it",
-              file=sys.stderr)
+    problem = args.csv and _csv_problem(args.csv, args.overwrite)
+    if problem:
+        print(f"error: --csv {args.csv!r}: {problem}", file=sys.stderr)
         return 2
-    from tftransfer.predict import _text, files_of, predict
+    import warnings
+
+    from tftransfer.predict import _text, predict
 
     try:
-        if args.text or _text_files(args.images):
-            inputs = _text.cli_items(args.text, args.images)
-        else:
-            inputs = [f for item in args.images for f in files_of(item)]
-        results = predict(args.model, inputs, top_k=args.top_k, batch_size=args.batch_size)
+        with warnings.catch_warnings():  # the skipped files are reported below
+            warnings.simplefilter("ignore")
+            inputs = args.images
+            if args.text or _text_files(args.images):
+                inputs = _text.cli_items(args.text, args.images)
+            results = predict(args.model, inputs, top_k=args.top_k,
+                              batch_size=args.batch_size, tta=args.tta)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     header, rows = _rows(results, args.top_k)
     print(_table(header, rows))
-    if args.csv:
-        tmp = f"{args.csv}.tmp"
+    if results.skipped:
+        print(f"Skipped {len(results.skipped)} file(s) that could not be read as images:",
+              *results.skipped, sep="\n  ", file=sys.stderr)
+    return _write_csv(args.csv, [header] + rows) if args.csv else 0
+
+
+def _csv_problem(path, overwrite):
+    """Why `path` cannot take the CSV file, or None (checked before predicting)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory; name a file in it"
+    if os.path.exists(path) and not overwrite:
+        return "exists; pass --overwrite to replace it"
+    if not os.path.isdir(folder):
+        return f"its folder {folder!r} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                    and not os.access(path, os.W_OK)):
+        return "is not writable here"
+    return None
+
+
+def _write_csv(path, rows):
+    """Writes `rows` through a temporary file; exit code 0, or 2 (no file left)."""
+    tmp = f"{path}.tmp"
+    try:
         with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([header] + rows)
-        os.replace(tmp, args.csv)
+            csv.writer(f).writerows(rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"error: --csv {path!r}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

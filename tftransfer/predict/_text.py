@@ -70,3 +70,14 @@ def text_batches(items, batch_size):
 def cli_items(sentences, paths):
     """The CLI's `--text` sentences and positional paths (always paths) as `texts`."""
     return list(sentences or []) + [pathlib.Path(p) for p in paths]
+
+
+def predict_texts(predictor, texts, top_k, batch_size, result_of):
+    """`predict` for a text model: one result per sentence or file, with `text` or `path`."""
+    items = text_items(texts)
+    results = []
+    for batch in text_batches(items, batch_size):
+        results += [result_of(row, predictor, top_k) for row in predictor(batch)]
+    for result, (text, path) in zip(results, items):
+        result.update({"text": text} if path is None else {"path": path})
+    return results

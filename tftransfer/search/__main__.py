@@ -1,7 +1,8 @@
 """Command line: `python -m tftransfer.search --config FILE [overrides]`.
 
 Exit codes: 0 success, 1 no trial completed (or trial workers kept dying),
-2 bad arguments, config or search directory (nothing is written then).
+2 bad arguments, config or search directory (nothing is written then),
+130 interrupted with Ctrl-C (the same command resumes).
 """
 
 import argparse
@@ -75,7 +76,6 @@ def parser():
                         "(one GPU per worker when there are GPUs).")
     p.add_argument("--verbose", action="store_true",
                    help="Keep TensorFlow's native start-up lines (CUDA probing, CPU features).")
-    p.add_argument("--trials-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
 
     Returns:
         0 on success, 1 when no trial completed, 2 on bad arguments, config,
-        data or search directory.
+        data or search directory, 130 on Ctrl-C (one line, no traceback).
     """
     try:
         args = parser().parse_args(argv)
@@ -119,6 +119,16 @@ def main(argv=None):
         return 0 if e.code == 0 else 2
     if not args.verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return _main(args, argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept in the search directory; run the "
+              "same command again to resume the search.", file=sys.stderr)
+        return 130
+
+
+def _main(args, argv):
+    """`main` after parsing: the search, its config and directory errors as exit codes."""
     from tftransfer._lock import LockedError
     from tftransfer.search import runner  # imports no TensorFlow
 
@@ -129,47 +139,17 @@ def main(argv=None):
                 "run.strategy", "a one-machine strategy with --workers (each KerasTuner worker "
                 "trains its own trials; multi_worker trains each trial on all machines, started "
                 "with TF_CONFIG)", "multi_worker")
-        if args.workers:
-            return _cluster(cfg, args, sys.argv[1:] if argv is None else list(argv))
-        result = runner.run(cfg, overwrite=args.overwrite, trials_only=args.trials_only,
-                            verbose=args.verbose)
+        result = runner.run(cfg, overwrite=args.overwrite, verbose=args.verbose,
+                            workers=args.workers)
     except (config_lib.ConfigError, runner.DirectoryError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except runner.WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief" or result.get("worker")
-    return 0 if args.trials_only or worker or result["best"] is not None else 1
-
-
-def _cluster(cfg, args, argv):
-    """Runs this command as a KerasTuner chief plus `--workers` workers."""
-    from tftransfer.search import _guard, _quiet, runner
-
-    with _quiet.native_startup(args.verbose):
-        from tftransfer.distribute import launch_tuning_cluster
-
-    with _guard.search_lock(cfg):  # the chief and workers run under this lock
-        runner.check_directory(cfg["run"]["directory"], cfg, args.overwrite)
-        _guard.check_backbones(cfg)
-        runner.prepare_directory(cfg, overwrite=args.overwrite)
-        child = _without(argv, "--workers", takes_value=True)
-        child = _without(child, "--overwrite", takes_value=False)
-        return launch_tuning_cluster([sys.executable, "-m", "tftransfer.search", *child],
-                                     args.workers)
-
-
-def _without(argv, flag, takes_value):
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = takes_value
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
+    if "exit_code" in result:  # --workers: the chief's and workers' code
+        return result["exit_code"]
+    return 0 if result.get("worker") or result["best"] is not None else 1
 
 
 if __name__ == "__main__":

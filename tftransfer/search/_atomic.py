@@ -7,15 +7,12 @@ same directory and renamed over the old one (`tftransfer._lock`), by
 subclassing only:
 
 - `Stateful.save(fname)` is where `Oracle.save()` (`oracle.json`) and
-  `BaseTuner.save()` (`<tuner_id>.json`) end up. `_AtomicState` overrides
+  `BaseTuner.save()` (`<tuner_id>.json`) end up. `AtomicState` overrides
   it and sits just above KerasTuner's `Stateful` in the method resolution
-  order of our tuner and oracle classes.
+  order of our tuner and oracle classes (`tftransfer.search.tuners`).
 - `trial.json` files are written by the oracle's `_save_trial(trial)`; that
-  private hook is the only one that reaches them, so `_OracleFiles`
+  private hook is the only one that reaches them, so `OracleFiles`
   overrides it.
-- The oracle is built inside KerasTuner's tuner `__init__`, so
-  `AtomicTuner.__init__` gives it the atomic subclass of its own class
-  before KerasTuner's `Tuner.__init__` reloads or uses it.
 
 Two files are still written one after the other when a trial starts: its
 `trial.json`, then `oracle.json`. A kill between the two leaves a trial file
@@ -23,7 +20,7 @@ the oracle never recorded; on reload it is dropped, and the oracle (whose
 seed state is that of before the trial) creates the same trial again.
 
 A kill mid-write leaves a `.tmp-*` file, which reloading never reads;
-`remove_leftovers` deletes them when the next run starts.
+`_guard.remove_leftovers` deletes them when the next run starts.
 """
 
 import json
@@ -32,7 +29,6 @@ import os
 import keras_tuner as kt
 
 from tftransfer._lock import atomic_write_text
-from tftransfer.search._guard import remove_leftovers  # noqa: F401  (kept importable here)
 
 TRIAL_FILE = "trial.json"
 
@@ -46,7 +42,7 @@ def _stateful_class():
                       "tftransfer.search needs keras-tuner 1.4.")
 
 
-class _AtomicState(_stateful_class()):
+class AtomicState(_stateful_class()):
     """`Stateful` whose files are written to a temporary file and renamed into place."""
 
     def save(self, fname):
@@ -56,7 +52,7 @@ class _AtomicState(_stateful_class()):
         return text
 
 
-class _OracleFiles:
+class OracleFiles:
     """Oracle mixin: atomic trial files; trials the oracle never recorded dropped."""
 
     def _save_trial(self, trial):
@@ -74,29 +70,9 @@ class _OracleFiles:
         super().set_state(state)
 
 
-_ORACLE_CLASSES = {}
+class AtomicTuner(kt.Tuner, AtomicState):
+    """Tuner base whose tuner file is crash-consistent.
 
-
-def atomic_oracle_class(cls):
-    """The subclass of oracle class `cls` with crash-consistent files."""
-    if issubclass(cls, _OracleFiles):
-        return cls
-    if cls not in _ORACLE_CLASSES:
-        _ORACLE_CLASSES[cls] = type(cls.__name__, (_OracleFiles, cls, _AtomicState),
-                                    {"__module__": __name__})
-    return _ORACLE_CLASSES[cls]
-
-
-class AtomicTuner(kt.Tuner, _AtomicState):
-    """Tuner base whose tuner, oracle and trial files are crash-consistent.
-
-    Put it after a KerasTuner tuner class in the bases, e.g.
-    `type("RandomSearch", (kt.RandomSearch, AtomicTuner), {})`: the tuner's
-    `__init__` builds its oracle and passes it on to this `__init__`, which
-    gives it the atomic subclass of its class (the oracle's state is
-    unchanged: the subclass adds methods, no attributes).
+    Give it an oracle whose classes include `OracleFiles` and `AtomicState`
+    (`tftransfer.search.tuners`), so that the oracle and trial files are too.
     """
-
-    def __init__(self, oracle, hypermodel=None, **kwargs):
-        oracle.__class__ = atomic_oracle_class(type(oracle))
-        super().__init__(oracle, hypermodel, **kwargs)

@@ -1,7 +1,7 @@
 """Checks a search makes before it writes: lock, backbones, data fingerprint.
 
 - `search_lock`: one search per directory (`tftransfer._lock.DirectoryLock`),
-  held by the top process for the whole run; its trial processes and the
+  held by the top process for the whole run; its trial workers and the
   chief/workers of `--workers` run under it.
 - `check_backbones`: every backbone choice loads and takes the configured
   image size and channels, or a `ConfigError` names it and says why.
@@ -20,27 +20,21 @@ from tftransfer._lock import LOCK_FILE, DirectoryLock, atomic_write_json, remove
 from tftransfer.search.config import ConfigError
 
 FINGERPRINT_FILE = "data_fingerprint.json"
-_CLUSTER_ROLE = "KERASTUNER_TUNER_ID"  # set by `--workers` in its chief and workers
 
 
 @contextlib.contextmanager
-def search_lock(cfg, trials_only=False):
-    """Holds the lock of the search directory while a top-level search runs.
+def search_lock(directory):
+    """Holds the lock of a search directory while a top-level search runs.
 
-    Trial processes (`trials_only`) and the chief/workers of a `--workers`
-    cluster run under their parent's lock and take none. Under
-    `multi_worker`, a worker other than the chief locks its own folder.
-    A directory this call created is removed again if the run wrote nothing
-    else in it.
+    Trial workers, and the chief and workers of a `--workers` cluster, run
+    under their parent's lock and take none. Under `multi_worker`, a worker
+    other than the chief locks its own folder. A directory this call created
+    is removed again if the run wrote nothing else in it.
 
     Raises:
         LockedError: Another live process searches in this directory.
         ConfigError: The directory cannot be created or written.
     """
-    if trials_only or os.environ.get(_CLUSTER_ROLE) is not None:
-        yield None
-        return
-    directory = _own_directory(cfg)
     created = not os.path.isdir(directory)
     try:
         lock = DirectoryLock(directory, "search directory").acquire()
@@ -55,16 +49,6 @@ def search_lock(cfg, trials_only=False):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         lock.release()
-
-
-def _own_directory(cfg):
-    directory = cfg["run"]["directory"]
-    if cfg["run"]["strategy"] != "multi_worker":
-        return directory
-    from tftransfer.distribute import worker_task  # reads TF_CONFIG only
-
-    kind, index, chief = worker_task()
-    return directory if chief else os.path.join(directory, "workers", f"{kind}-{index}")
 
 
 # ------------------------------------------------------------------ backbones

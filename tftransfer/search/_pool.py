@@ -44,7 +44,7 @@ class WorkerError(RuntimeError):
     """Trial workers keep dying before they start a trial."""
 
 
-class _Worker:
+class _WorkerProcess:
     """One worker process: its pipes, its events, how it ended."""
 
     def __init__(self, out, verbose):
@@ -174,7 +174,7 @@ class TrialPool:
         self._worker = self._spare = None
 
     def _start(self):
-        worker = _Worker(self.out, self.verbose)
+        worker = _WorkerProcess(self.out, self.verbose)
         worker.send("start", config=self.cfg, verbose=self.verbose)
         return worker
 

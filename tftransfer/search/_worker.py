@@ -14,61 +14,37 @@ import queue
 import signal
 import sys
 import threading
-import warnings
 
-from tftransfer.search import _quiet, runner
+from tftransfer.search import _quiet, control, runner
 
 _PR_SET_PDEATHSIG = 1
 
 
-class _Recycle(Exception):
-    """The worker has run its share of trials; a fresh one takes over."""
+class _ShareHooks:
+    """Per-trial hooks of a trial worker: tells the chief, ends its share when due.
 
+    The worker's share ends after `max_trials` trials, or once its resident
+    memory has grown by more than `max_growth_mb` since its first trial
+    ended, when the search has trials left: the oracle is then told to
+    `stop()`, so `tuner.search()` returns and a fresh worker continues.
+    """
 
-class _Pooled:
-    """Tuner mixin: reports each trial to the chief, fails a dead worker's trial, leaves when due."""
-
-    def _setup_pool(self, send, max_trials, max_growth_mb):
+    def __init__(self, send, max_trials, max_growth_mb):
         self._send, self._max_trials, self._max_growth = send, max_trials, max_growth_mb
-        self._begun, self._baseline, self._died = [], None, {}
+        self._begun, self._baseline = 0, None
 
-    def fail_on_retry(self, trial_id, reason, seconds):
-        """Fails trial `trial_id` when KerasTuner retries it: its worker died in it.
-
-        Reloading a tuner sends the trials that were running to be retried
-        first; this one then fails at once with `reason` (a
-        `FailedTrialError`), so KerasTuner records it FAILED, prints its
-        line and counts it towards `max_consecutive_failed_trials`.
-        """
-        self._died[trial_id] = (reason, seconds)
-
-    def on_trial_begin(self, trial):
-        self._begun.append(trial.trial_id)
-        last = len(self._begun) >= self._max_trials and self._more_to_come()
+    def on_trial_begin(self, tuner, trial):
+        self._begun += 1
+        last = self._begun >= self._max_trials and tuner.more_trials_to_come()
         self._send("begin", trial_id=trial.trial_id, last=last)
-        super().on_trial_begin(trial)
-        if trial.trial_id in self._died:  # its time: the dead worker's
-            self._started[trial.trial_id] -= self._died[trial.trial_id][1]
 
-    def run_trial(self, trial, *args, **kwargs):
-        if trial.trial_id in self._died:
-            import keras_tuner as kt
-
-            raise kt.errors.FailedTrialError(self._died.pop(trial.trial_id)[0])
-        return super().run_trial(trial, *args, **kwargs)
-
-    def on_trial_end(self, trial):
-        super().on_trial_end(trial)
+    def on_trial_end(self, tuner, trial):
         rss = _rss_mb()
         self._send("end", trial_id=trial.trial_id, rss_mb=rss)
         self._baseline = rss if self._baseline is None else self._baseline
         grown = self._max_growth is not None and rss - self._baseline > self._max_growth
-        if (len(self._begun) >= self._max_trials or grown) and self._more_to_come():
-            raise _Recycle()
-
-    def _more_to_come(self):
-        limit = self.oracle.max_trials
-        return limit is None or len(self.oracle.trials) < limit
+        if (self._begun >= self._max_trials or grown) and tuner.more_trials_to_come():
+            tuner.oracle.stop()
 
 
 def _rss_mb():
@@ -77,8 +53,8 @@ def _rss_mb():
     return psutil.Process().memory_info().rss / 2**20
 
 
-class _Worker:
-    """Runs the chief's commands, in order."""
+class _CommandLoop:
+    """Runs the chief's commands, in order (`start`, `check`, `search`, `finish`)."""
 
     def __init__(self, events):
         self._events = events
@@ -114,27 +90,26 @@ class _Worker:
         self._ensure_tuner()
         if failed is not None:
             self.tuner.fail_on_retry(**failed)
-        try:
-            runner.search(self.tuner, print)
-        except _Recycle:
-            self.send("recycle")  # the chief closes our stdin, which ends us
-            return
-        self.send("done")
+        runner.search(self.tuner, print)
+        # A stopped oracle: this worker's share is done (the chief closes our
+        # stdin, which ends us); else the search is.
+        ended = any(isinstance(hook, control.SearchControl) and hook.stopped
+                    for hook in self.tuner.hooks)  # run.max_time or run.stop_after: all done
+        self.send("recycle" if self.tuner.oracle.stopped and not ended else "done")
 
     def finish(self):
         self._ensure_tuner()
-        directory = self.cfg["run"]["directory"]
-        result = runner.finish(self.cfg, self.tuner, self.hypermodel, self.data, directory, print)
+        result = runner.finish(self.cfg, self.tuner, self.hypermodel, self.data, print)
         self.send("finished", result={k: result[k] for k in ("directory", "rows", "best",
                                                              "export")})
 
     def _ensure_tuner(self):
         if self.tuner is None:
             run = self.cfg["run"]
+            hooks = _ShareHooks(self.send, run["worker_max_trials"],
+                                run["worker_max_rss_growth_mb"])
             self.hypermodel, self.tuner = runner.build_tuner(self.cfg, self.data, print,
-                                                             mixins=(_Pooled,))
-            self.tuner._setup_pool(self.send, run["worker_max_trials"],
-                                   run["worker_max_rss_growth_mb"])
+                                                             hooks=[hooks])
 
 
 def _die_with_parent():
@@ -164,8 +139,7 @@ def main(argv):
     _quiet.import_tensorflow(verbose=True)  # warm before the first command; the chief filters
     import tftransfer.search.hypermodel  # noqa: F401  (a spare worker is ready sooner)
     import tftransfer.search.sources  # noqa: F401
-    warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
-    worker = _Worker(events)
+    worker = _CommandLoop(events)
     while True:
         command = commands.get()
         getattr(worker, command.pop("cmd"))(**command)

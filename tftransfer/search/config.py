@@ -14,22 +14,23 @@ Example:
 """
 
 import copy
+import warnings
 
 import yaml
 
-# The names `tftransfer.optim.get_optimizer` accepts, listed here so that a
-# config is checked without importing Keras (tests compare both lists).
-OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
-              "lion", "nadam", "rmsprop", "sgd")
+from tftransfer import _names
+
+# The names `tftransfer.optim` and `build_finetuner` accept, from the module that
+# holds them without Keras, so that a config is checked quickly.
+OPTIMIZERS = tuple(_names.OPTIMIZERS)
+DTYPE_POLICIES = _names.DTYPE_POLICIES
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 REGULARIZERS = ("none", "l1", "l2", "l1_l2")
 SAMPLINGS = ("linear", "log")
 RANGE_KEYS = ("min", "max", "sampling", "step")
 INT_RANGE_KEYS = ("int_min", "int_max", "step")
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -69,10 +70,24 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
         if ok and hi is not None:
             ok = v < hi if hi_open else v <= hi
         if not ok:
-            raise ConfigError(path, text, v)
+            raise ConfigError(path, text + _string_number_hint(v), v)
         return v if integer else float(v)
 
     return check
+
+
+def _string_number_hint(v):
+    """For `1e-3`, which YAML 1.1 reads as a string (no dot before the `e`):
+    how to write the number."""
+    if not isinstance(v, str) or "e" not in v.lower():
+        return ""
+    try:
+        number = float(v)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = v.lower().partition("e")
+    return (f" (YAML reads {v!r} as a string, not a number: write "
+            f"{float(mantissa)}e{exponent} or {number!r})")
 
 
 def _one_of(names):
@@ -97,7 +112,7 @@ def _optional_string(path, v):
     return None if v is None else _string(path, v)
 
 
-def _trainable(path, v):
+def _freeze_policy(path, v):
     text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
     if isinstance(v, str):
         kind, _, arg = v.partition(":")
@@ -125,14 +140,18 @@ def _jit_compile(path, v):
 
 
 def _decay(path, v):
-    return None if v is None else _num(0, 1, lo_open=True)(path, v)
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, str):
+        raise ConfigError(path, "a number > 0 and <= 1, 'auto' or null", v)
+    return _num(0, 1, lo_open=True)(path, v)
 
 
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
     "preprocessor": (_optional_string, None, "f"),  # BERT-style text encoders only
-    "trainable": (_trainable, "all", "fcri"),
+    "unfreeze": (_freeze_policy, "all", "fcri"),  # what stage 2 trains of the backbone
     "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
     "schedule": (_one_of(SCHEDULES), "constant", "fc"),
@@ -144,11 +163,22 @@ KNOBS = {
     "batch_size": (_num(1, integer=True), 32, "fci"),
     "head_epochs": (_num(0, integer=True), 5, "fci"),
     "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
-    "layerwise_lr_decay": (_decay, None, "fcr"),
+    "layerwise_lr_decay": (_decay, "auto", "fcr"),
     "lr_factor": (_num(0, 1, lo_open=True), 0.1, "fcr"),
+    "fine_tune_warmup": (_num(0), 1.0, "fcr"),
 }
 
 # ------------------------------------------------------------------ sections
+
+
+def _objective(path, v):
+    """A metric name or {name, direction} -> {"name", "direction"} (`search.control`)."""
+    from tftransfer.search import control
+
+    try:
+        return control.parse_objective(v)
+    except ValueError as e:
+        raise ConfigError(path, str(e), v) from None
 
 
 def _no_unknown(path, raw, allowed):
@@ -192,10 +222,27 @@ def _image_size(path, v):
     return list(v)
 
 
-def _classes(path, v):
-    if not (isinstance(v, list) and v and all(_is_int(c) and 0 <= c <= 9 for c in v)
+# The names of tftransfer.export.formats.FORMATS (not imported: config checks run before
+# TensorFlow loads; tests/test_tflite.py checks the two lists are equal).
+EXPORT_FORMATS = ("serving", "tflite", "tflite-none", "tflite-dynamic", "tflite-float16",
+                  "tflite-int8", "onnx")
+
+
+def _export_formats(path, v):
+    if isinstance(v, str):
+        v = [v]
+    if not (isinstance(v, list) and v and all(f in EXPORT_FORMATS for f in v)
             and len(set(v)) == len(v)):
-        raise ConfigError(path, "a non-empty list of distinct digits 0..9", v)
+        raise ConfigError(path, f"a non-empty list of distinct names from {list(EXPORT_FORMATS)}",
+                          v)
+    return list(v)
+
+
+def _classes(path, v):
+    if not (isinstance(v, list) and len(v) >= 2 and all(_is_int(c) and 0 <= c <= 9 for c in v)
+            and len(set(v)) == len(v)):
+        raise ConfigError(path, "a list of at least 2 distinct digits 0..9 (a classifier "
+                          "needs 2 classes)", v)
     return list(v)
 
 
@@ -213,7 +260,7 @@ DATA = {
 TUNER = {
     "kind": (_one_of(TUNERS), "random"),
     "max_trials": (_num(1, integer=True), 10),
-    "objective": (_one_of(OBJECTIVES), "val_accuracy"),
+    "objective": (_objective, "val_accuracy"),
     "executions_per_trial": (_num(1, integer=True), 1),
     "seed": (_num(integer=True), 0),
     "max_consecutive_failed_trials": (_num(1, integer=True), 3),
@@ -224,12 +271,15 @@ TUNER = {
 RUN = {
     "directory": (_string, "searches/search"),
     "export_dir": (_optional(_string), None),
+    "export_formats": (_export_formats, ["serving"]),
     "strategy": (_one_of(STRATEGIES), "none"),
     "isolate_trials": (_one_of((False, True)), True),
     "worker_max_trials": (_num(1, integer=True), 10),
     "worker_max_rss_growth_mb": (_optional(_num(0, lo_open=True)), 1024.0),
     "dtype_policy": (_one_of(DTYPE_POLICIES), "float32"),
     "jit_compile": (_jit_compile, "auto"),
+    "max_time": (_optional(_num(0, lo_open=True)), None),
+    "stop_after": (_optional(_num(1, integer=True)), None),
 }
 
 
@@ -289,7 +339,7 @@ def _range(path, raw, check, forms):
     if "r" not in forms:
         raise ConfigError(path, "no {min, max} range for this knob", raw)
     _keys(path, raw, RANGE_KEYS, ("min", "max"))
-    if path.endswith(".trainable"):
+    if path.endswith(".unfreeze"):
         check = _num(0, 1)  # fraction:F
     lo, hi = check(f"{path}.min", raw["min"]), check(f"{path}.max", raw["max"])
     if not lo < hi:
@@ -327,11 +377,37 @@ def _keys(path, raw, allowed, required):
 def _search_space(raw):
     if not isinstance(raw, dict):
         raise ConfigError("search_space", "a mapping with at least `backbone`", raw)
+    raw = _renamed_unfreeze(raw)
     _no_unknown("search_space", raw, KNOBS)
     if "backbone" not in raw:
         raise ConfigError("search_space.backbone", "a value (this key is required)", None)
-    return {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
-            for name, (_, default, _) in KNOBS.items()}
+    space = {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
+             for name, (_, default, _) in KNOBS.items()}
+    if _largest(space["head_epochs"]) + _largest(space["fine_tune_epochs"]) == 0:
+        raise ConfigError("search_space.fine_tune_epochs", "an integer > 0 when "
+                          "head_epochs is 0 (every trial would train for 0 epochs)",
+                          space["fine_tune_epochs"])
+    return space
+
+
+def _largest(knob):
+    """The largest value a validated integer knob can take."""
+    if isinstance(knob, dict):
+        return max(knob["choice"]) if "choice" in knob else knob["int_max"]
+    return knob
+
+
+def _renamed_unfreeze(raw):
+    """`search_space.trainable`, the former name of `unfreeze`: accepted with a warning."""
+    if "trainable" not in raw:
+        return raw
+    if "unfreeze" in raw:
+        raise ConfigError("search_space.trainable", "no `trainable` next to `unfreeze` (its "
+                          "former name); keep `unfreeze` only", raw["trainable"])
+    warnings.warn("`search_space.trainable` is deprecated: it is now `search_space.unfreeze` "
+                  "(what stage 2 of each trial unfreezes). Rename the key; the value is used "
+                  "as `unfreeze`.", DeprecationWarning, stacklevel=4)
+    return {("unfreeze" if k == "trainable" else k): v for k, v in raw.items()}
 
 
 # ---------------------------------------------------------------- public API
@@ -360,16 +436,47 @@ def validate(raw):
     }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key written twice in one mapping
+    (plain `safe_load` silently keeps the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # an unhashable key: the schema check reports it
+            if key in seen:
+                raise ConfigError(
+                    "--config", f"each key once per mapping; {key!r} is written on line "
+                    f"{seen[key]} and again on line {line}", key)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
-    """Reads a YAML file with `yaml.safe_load`, as a ConfigError on failure."""
+    """Reads a YAML file as `yaml.safe_load` does, as a ConfigError on failure.
+
+    A key written twice in one mapping is an error (naming the key and both
+    lines), and syntax errors keep their line and column.
+    """
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except OSError as e:
         raise ConfigError("--config", "a readable YAML file", str(path)) from e
     except yaml.YAMLError as e:
-        raise ConfigError("--config", f"valid YAML ({str(e).splitlines()[0]})",
-                          str(path)) from e
+        raise ConfigError("--config", f"valid YAML ({_yaml_problem(e)})", str(path)) from e
+
+
+def _yaml_problem(error):
+    """`line L, column C: problem` of a YAML error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_config(path, overrides=None):

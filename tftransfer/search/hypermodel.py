@@ -12,18 +12,19 @@ import gc
 import hashlib
 import json
 import math
-import os
 
 import keras
 import keras_tuner as kt
-from keras_tuner.src.engine.tuner_utils import SaveBestEpoch
+from keras_tuner.src.engine.tuner_utils import SaveBestEpoch  # private: see _WholeModel
 
 from tftransfer.finetuner import build_finetuner
+from tftransfer.search import control
 from tftransfer.train import fine_tune
 
-BUILD_KNOBS = ("backbone", "trainable", "optimizer", "dropout", "hidden_units",
-               "label_smoothing", "preprocessor")
-FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
+BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing",
+               "preprocessor")
+FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
+             "fine_tune_warmup")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
 
@@ -45,20 +46,23 @@ def sample(hp, name, spec):
             `{min, max, sampling, step}` or `{int_min, int_max, step}`.
 
     Returns:
-        The value, decoded (`hidden_units` a list, `trainable` a policy string).
+        The value, decoded (`hidden_units` a list, `unfreeze` a freeze policy string).
     """
     if not isinstance(spec, dict):
         return spec
     if "choice" in spec:
         if name == "hidden_units":
             return _decode_units(hp.Choice(name, [_encode_units(u) for u in spec["choice"]]))
+        if len({type(v) for v in spec["choice"]}) > 1:  # e.g. layerwise_lr_decay: auto or 0.5
+            value = hp.Choice(name, [str(v) for v in spec["choice"]])
+            return next(v for v in spec["choice"] if str(v) == value)
         return hp.Choice(name, spec["choice"])
     if "int_min" in spec:
         value = hp.Int(name, spec["int_min"], spec["int_max"], step=spec["step"])
-        return f"top:{value}" if name == "trainable" else value
+        return f"top:{value}" if name == "unfreeze" else value
     value = hp.Float(name, spec["min"], spec["max"], step=spec["step"],
                      sampling=spec["sampling"])
-    return f"fraction:{value:.4g}" if name == "trainable" else value
+    return f"fraction:{value:.4g}" if name == "unfreeze" else value
 
 
 class FineTuneHyperModel(kt.HyperModel):
@@ -72,9 +76,9 @@ class FineTuneHyperModel(kt.HyperModel):
         strategy_name: The config name of the strategy, written to the best
             hyperparameters.
         feature_cache_dir: Directory of the frozen-backbone features that
-            the trials share (`fine_tune`'s `feature_cache_dir`). Defaults to
-            `features/` in the search directory (the parent of the trial
-            folders KerasTuner checkpoints into).
+            the trials share (`fine_tune`'s `feature_cache_dir`), or None
+            (no cache). The search's tuner sets it to `features/` in its
+            `project_dir` (`tftransfer.search.tuners.SearchTuner`).
         seed: Optional integer. Each trial then seeds Keras, NumPy and
             Python's `random` from it and its hyperparameter values, so a
             trial's result depends on its values only and a rerun of the
@@ -85,10 +89,17 @@ class FineTuneHyperModel(kt.HyperModel):
             `"mixed_float16"` or `"mixed_bfloat16"`). Defaults to `"float32"`.
         jit_compile: `build_finetuner`'s `jit_compile` (True, False or
             `"auto"`). Defaults to `"auto"`.
+        objective: Optional `{"name", "direction"}` (`search.control`): a
+            metric it needs (AUC, macro F1 ...) is compiled into each model.
+
+    Attributes:
+        tensorboard_dir: Where the next trial logs its TensorBoard scalars,
+            or None (set per trial by `search.control.SearchControl`).
     """
 
     def __init__(self, space, data, strategy=None, strategy_name="none",
-                 feature_cache_dir=None, seed=None, dtype_policy="float32", jit_compile="auto"):
+                 feature_cache_dir=None, seed=None, dtype_policy="float32", jit_compile="auto",
+                 objective=None):
         super().__init__(name="tftransfer_finetune")
         self.precision = {}  # passed on when not `build_finetuner`'s defaults
         if dtype_policy != "float32":
@@ -102,6 +113,7 @@ class FineTuneHyperModel(kt.HyperModel):
         self._builds = collections.Counter()
         self.declare_only = False
         self.last_fit = {}
+        self.objective, self.tensorboard_dir = objective, None
 
     @property
     def replicas(self):
@@ -117,12 +129,13 @@ class FineTuneHyperModel(kt.HyperModel):
         v = self.values(hp)
         build = {k: v[k] for k in BUILD_KNOBS}
         shape = list(self.data.input_shape) or None  # text data: no image shape
-        build.update(num_classes=self.data.num_classes, input_shape=shape,
+        build.update(trainable=v["unfreeze"],  # the freeze policy the recipe records
+                     num_classes=self.data.num_classes, input_shape=shape,
                      regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
                      learning_rate=self._learning_rate(v), strategy=self.strategy_name,
                      **self.precision)
         fit = {k: v[k] for k in FIT_KNOBS}
-        fit.update(unfreeze=v["trainable"], batch_size=v["batch_size"] * self.replicas)
+        fit.update(unfreeze=v["unfreeze"], batch_size=v["batch_size"] * self.replicas)
         return build, fit
 
     def _learning_rate(self, v):
@@ -155,6 +168,8 @@ class FineTuneHyperModel(kt.HyperModel):
         if self.seed is not None:
             keras.utils.set_random_seed(self._trial_seed(hp))
         build["strategy"] = self.strategy
+        if self.objective is not None:
+            build["metrics"] = control.metrics_for(self.objective)
         return build_finetuner(**build)
 
     def _trial_seed(self, hp):
@@ -202,9 +217,11 @@ class FineTuneHyperModel(kt.HyperModel):
         if initial_epoch < settings["head_epochs"] + settings["fine_tune_epochs"]:
             settings["initial_epoch"] = initial_epoch
         train, validation = self.data.batched(settings["batch_size"], self.replicas)
-        settings["feature_cache_dir"] = self.feature_cache_dir or _features_dir(callbacks)
+        settings["feature_cache_dir"] = self.feature_cache_dir
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
+        if self.tensorboard_dir:
+            callbacks.append(keras.callbacks.TensorBoard(self.tensorboard_dir, write_graph=False))
         try:  # fine_tune enters the model's strategy
             history = fine_tune(model, train, validation, callbacks=callbacks, verbose=verbose,
                                 keep_best_stage=False,  # KerasTuner keeps the best epoch itself
@@ -215,14 +232,6 @@ class FineTuneHyperModel(kt.HyperModel):
                          "global_batch_size": settings["batch_size"]}
         _check_finite(history)
         return history
-
-
-def _features_dir(callbacks):
-    """`features/` in the search directory, found from KerasTuner's checkpoint path."""
-    for c in callbacks or []:
-        if isinstance(c, SaveBestEpoch):  # <search directory>/trial_<id>/checkpoint...
-            return os.path.join(os.path.dirname(os.path.dirname(c.filepath)), FEATURES_DIR)
-    return None
 
 
 def _regularizer(kind, strength):
@@ -241,7 +250,13 @@ def _check_finite(history):
 
 
 class _WholeModel(keras.callbacks.Callback):
-    """Runs KerasTuner's `SaveBestEpoch` on the whole model, in both stages."""
+    """Runs KerasTuner's `SaveBestEpoch` on the whole model, in both stages.
+
+    `SaveBestEpoch` is private to KerasTuner (`keras_tuner.src`), and there is
+    no public way to tell `Tuner.run_trial`'s checkpoint which model to save:
+    stage 1 may train the head alone on cached features, and this callback
+    makes the checkpoint hold the whole model (docs/private_hooks.md).
+    """
 
     def __init__(self, inner, model):
         super().__init__()
