@@ -96,7 +96,7 @@ def test_bert_pair_fine_tunes_with_encoder_trainable_or_frozen(trainable):
     model = build_finetuner(ENCODER, preprocessor=PREPROCESS, trainable=trainable,
                             num_classes=2, learning_rate=3e-3)
     assert model.input.dtype == "string" and model.class_names is None
-    assert len(model.backbone.trainable_weights) == (0 if trainable == "none" else 21)
+    assert len(model.backbone.trainable_weights) == (0 if trainable == "none" else 29)
     before, head_before = _weights(model.backbone), _weights(model.head)
     fine_tune(model, data, head_epochs=1, fine_tune_epochs=1 if trainable == "all" else 0,
               unfreeze=trainable, verbose=0)
