@@ -168,7 +168,7 @@ def _check_labels(vdir, loaded, meta):
                 f"has {n} outputs"]
     if meta.get("class_names") not in (None, lines):
         return [f"assets/{LABELS_FILE} differs from {METADATA_FILE}"]
-    images = sample_images(_image_shape(loaded), batch=8, seed=3)
+    images = samples_for(loaded.signatures[DEFAULT_SIGNATURE], batch=8, seed=3)
     mismatch = label_mismatch(_call_default(loaded, images), lines)
     return [f"assets/{LABELS_FILE} disagrees with the graph: {mismatch}"] if mismatch else []
 

@@ -75,7 +75,9 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto", tta=False)
     views = tta_views.resolve(tta)
     predictor = _Predictor.of(model)
     if predictor.text:  # a text model: sentences, .txt files or folders of them
-        return _text.predict_texts(predictor, images, top_k, batch_size, _result)
+        results = Predictions(_text.predict_texts(predictor, images, top_k, batch_size, _result))
+        results.skipped = []
+        return results
     source = _inputs(images, predictor, batch_size)
     count = len(source.names)
     progress = keras.utils.Progbar(count, unit_name="image") if _show(verbose, count,
