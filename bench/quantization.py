@@ -35,14 +35,15 @@ MODES = ("none", "dynamic", "float16", "int8")
 NAMES = ["five", "six", "seven", "eight", "nine"]
 
 
-def train(out):
+def train(out, head_epochs, fine_tune_epochs):
     keras.utils.set_random_seed(0)
     x, y = load_digits_images(classes=(5, 6, 7, 8, 9))
     x_train, y_train, x_val, y_val = few_shot_split(x, y, per_class=50, seed=0)
     model = build_finetuner(str(ROOT / "saved_models" / "digits_cnn.keras"), num_classes=5,
-                            learning_rate=1e-2)
+                            dropout=0.2, learning_rate=1e-2)
     model.class_names = NAMES
-    fine_tune(model, (x_train, y_train), (x_val, y_val), head_epochs=15, fine_tune_epochs=5,
+    fine_tune(model, (x_train, y_train), (x_val, y_val), head_epochs=head_epochs,
+              fine_tune_epochs=fine_tune_epochs,
               unfreeze="all", batch_size=32, output_dir=os.path.join(out, "run"), verbose=0)
     return model, (x_train, y_train), (x_val, y_val)
 
@@ -51,9 +52,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="where the .tflite files go "
                         "(default: a temporary directory)")
+    parser.add_argument("--head-epochs", type=int, default=30)
+    parser.add_argument("--fine-tune-epochs", type=int, default=10)
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="bench-quantization-")
-    model, train_data, val = train(out)
+    model, train_data, val = train(out, args.head_epochs, args.fine_tune_epochs)
     reports = {mode: to_tflite(model, os.path.join(out, f"digits_{mode}.tflite"),
                                quantization=mode, representative_data=train_data,
                                validation_data=val, overwrite=True) for mode in MODES}

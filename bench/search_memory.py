@@ -2,16 +2,21 @@
 
 Runs a 20-trial random search (bundled digits backbone, 5 images per class,
 1+1 epochs, a throw-away directory) and samples the resident set size
-(psutil) after every trial. Growth is measured from the end of the first
-trial (warm-up: TensorFlow, data and first traces) to the end of the last.
+(psutil) after every trial, in the process that ran it.
 
 By default, as in the search's default (`run.isolate_trials: true`), the
 trials run in trial workers (processes that import TensorFlow once and are
 replaced after `run.worker_max_trials` trials, default 10, or
-`--worker-max-trials`); the figure is the RSS of the worker that ran the
+`--worker-max-trials`); the sample is the RSS of the worker that ran the
 trial, read when its trial line arrives (the largest child of this process:
 a spare worker started for the next one is smaller). `--in-process` runs
 every trial in this process, to show what the workers save.
+
+Growth is measured within one process, from the end of its first trial
+(warm-up: TensorFlow, data and first traces) to the end of its last: a span
+across a worker replacement would subtract a fresh worker's RSS from an old
+one's and hide the growth. The headline is the largest growth of one worker
+(of this process with `--in-process`), over the trials it ran (printed).
 
     python bench/search_memory.py [--trials 20] [--in-process] [--worker-max-trials K]
         [--keep DIR]
@@ -72,11 +77,11 @@ def main(argv=None):
             if not workers:
                 return  # the worker ended before its line was read
             pid, rss = max(workers, key=lambda w: w[1])
-            samples.append(rss)
+            samples.append((pid, rss))
             print(f"{line.split(' | ')[0]}: worker {pid} rss {rss:.0f} MB, "
                   f"this process {own:.0f} MB", flush=True)
         else:
-            samples.append(own)
+            samples.append((process.pid, own))
             print(f"{line.split(' | ')[0]}: rss {own:.0f} MB", flush=True)
 
     try:
@@ -85,11 +90,24 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(directory.parent, ignore_errors=True)
-    growth = samples[-1] - samples[0] if len(samples) > 1 else 0.0
-    print(f"trials: {len(samples)}  first: {samples[0]:.0f} MB  last: {samples[-1]:.0f} MB  "
-          f"peak: {max(samples):.0f} MB")
-    print(f"rss_growth_mb: {growth:.1f}")
+    growths = _growth_per_process(samples)
+    for pid, (trials, first, last) in growths.items():
+        print(f"process {pid}: {trials} trials, {first:.0f} MB after its first, "
+              f"{last:.0f} MB after its last: {last - first:+.1f} MB")
+    pid, (trials, first, last) = max(growths.items(), key=lambda g: g[1][2] - g[1][1])
+    print(f"largest growth of one process: {pid}, over its {trials} trials "
+          f"(peak of all samples {max(rss for _, rss in samples):.0f} MB)")
+    print(f"rss_growth_mb: {last - first:.1f}")
     return 0
+
+
+def _growth_per_process(samples):
+    """`{pid: (trials, RSS after its first trial, RSS after its last)}` from `(pid, MB)` samples."""
+    out = {}
+    for pid, rss in samples:
+        trials, first, _ = out.get(pid, (0, rss, rss))
+        out[pid] = (trials + 1, first, rss)
+    return out
 
 
 def _worker_rss(process):

@@ -2,8 +2,9 @@
 
 The backbone in `saved_models/` was pretrained on digits 0-4 (scikit-learn's
 `load_digits`); here it learns digits 5-9 from 10 labelled images per class,
-first with the backbone frozen, then unfrozen at a tenth of the learning rate
-(`fine_tune`), and is saved as `runs/quickstart/model.keras` and exported for
+first with the backbone frozen, then unfrozen (`fine_tune`: a tenth of the
+learning rate for the head, warmed up over the first epoch, and less for each
+backbone layer further down), and is saved as `runs/quickstart/model.keras` and exported for
 TF Serving under `runs/quickstart/export/`.
 
     python examples/quickstart.py [--backbone saved_models/digits_cnn_hub] [--overwrite]

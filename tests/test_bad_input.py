@@ -212,7 +212,7 @@ BAD = [
        "Received: early_stopping=-1")),
     ("early_stopping_true", tune(early_stopping=True), E("Received: early_stopping=True")),
     ("layerwise_decay_nan", tune(layerwise_lr_decay=NAN),
-     E("`layerwise_lr_decay` must be a finite float in (0, 1] or None. Received: "
+     E("`layerwise_lr_decay` must be a finite float in (0, 1], \"auto\" or None. Received: "
        "layerwise_lr_decay=nan")),
     ("fine_tune_lr_nan", tune(fine_tune_learning_rate=NAN), E("Received: fine_tune_learning_rate=nan")),
     ("initial_epoch_past_end", tune(initial_epoch=2), E("(here 1). Received: initial_epoch=2")),

@@ -391,10 +391,10 @@ def test_from_tfds_missing_data_says_how_to_prepare(tfds_dir, tmp_path):
 # ----------------------------------------------------------- bad input
 def test_directory_errors(tmp_path, folder):
     missing = tmp_path / "missing"
-    with pytest.raises(ValueError, match=f"Invalid `path`: expected an existing directory "
+    with pytest.raises(ValueError, match=f"`path` must be an existing directory "
                        f"with one subfolder per class. Received: path='{missing}'$"):
         tfd.from_directory(str(missing), image_size=(8, 8))
-    with pytest.raises(ValueError, match="expected a directory with one subfolder of images "
+    with pytest.raises(ValueError, match="`path` must be a directory with one subfolder of images "
                        r"per class .*Received: path="):
         tfd.from_directory(tmp_path, image_size=(8, 8))  # empty
     (tmp_path / "a").mkdir()
@@ -408,20 +408,20 @@ def test_directory_errors(tmp_path, folder):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(validation_split=1.0), "Invalid `validation_split`: expected a float in "
+    (dict(validation_split=1.0), "`validation_split` must be a float in "
      r"\[0, 1\). Received: validation_split=1.0$"),
     (dict(validation_split=-0.1), r"Received: validation_split=-0.1$"),
-    (dict(batch_size=0), r"Invalid `batch_size`: expected an int >= 1. Received: batch_size=0$"),
+    (dict(batch_size=0), r"`batch_size` must be an int >= 1. Received: batch_size=0$"),
     (dict(image_size=None), r"Either `model` .* Received: model=None, image_size=None$"),
-    (dict(image_size=(8,)), r"Invalid `image_size`.*Received: image_size=\(8,\)$"),
-    (dict(augment=["flip", "blur"]), r"Invalid `augment`: .*\['contrast', 'flip', "
+    (dict(image_size=(8,)), r"`image_size` must be .*Received: image_size=\(8,\)$"),
+    (dict(augment=["flip", "blur"]), r"`augment` must be .*\['contrast', 'flip', "
      r"'rotation', 'translation', 'zoom'\].*unknown entry 'blur'\. "
      r"Received: augment=\['flip', 'blur'\]$"),
-    (dict(augment=3), r"Invalid `augment`.*Received: augment=3$"),
-    (dict(interpolation="cubic"), r"Invalid `interpolation`.*'bilinear'.*"
+    (dict(augment=3), r"`augment` must be .*Received: augment=3$"),
+    (dict(interpolation="cubic"), r"`interpolation` must be .*'bilinear'.*"
      r"Received: interpolation='cubic'$"),
-    (dict(cache=3), r"Invalid `cache`.*Received: cache=3$"),
-    (dict(class_weight="auto"), r"Invalid `class_weight`: expected None, 'balanced'.*"
+    (dict(cache=3), r"`cache` must be .*Received: cache=3$"),
+    (dict(class_weight="auto"), r"`class_weight` must be None, 'balanced'.*"
      r"Received: class_weight='auto'$"),
     (dict(class_weight={0: 1.0, 1: 1.0}), r"every class.*Received: class_weight=\{0: 1.0, "),
     (dict(class_weight={"one": 1, "two": 1, "zero": -1}), r"weight >= 0"),
@@ -437,19 +437,19 @@ def test_argument_errors(folder, kwargs, message):
 def test_model_and_array_errors():
     inputs = keras.Input((16, 16, 3))
     model = keras.Model(inputs, inputs)
-    with pytest.raises(ValueError, match=r"expected \(16, 16\) \(the model's input size\) "
+    with pytest.raises(ValueError, match=r"must be \(16, 16\) \(the model's input size\) "
                        r"or None. Received: image_size=\(8, 8\)$"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, image_size=(8, 8))
     with pytest.raises(ValueError, match=r"matching the model's input channels \(3\). "
                        r"Received: channels=1$"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=model, channels=1)
-    with pytest.raises(ValueError, match=r"Invalid `model`.*Received: model="):
+    with pytest.raises(ValueError, match=r"`model` must be .*Received: model="):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], model=keras.Sequential())
-    with pytest.raises(ValueError, match=r"Invalid `y`.*Received: y=array\(shape=\(3,\)"):
+    with pytest.raises(ValueError, match=r"`y` must be .*Received: y=array\(shape=\(3,\)"):
         tfd.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1, 1], image_size=(4, 4))
-    with pytest.raises(ValueError, match=r"Invalid `x`.*Received: x=array\(shape=\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"`x` must be .*Received: x=array\(shape=\(2, 4\)"):
         tfd.from_arrays(np.zeros((2, 4), np.uint8), [0, 1], image_size=(4, 4))
-    with pytest.raises(ValueError, match=r"Invalid `channels`: expected one of \[1, 3, 4\] "
+    with pytest.raises(ValueError, match=r"`channels` must be one of \[1, 3, 4\] "
                        r"for images with 3 channels. Received: channels=2$"):
         tfd.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], image_size=(4, 4), channels=2)
     with pytest.warns(UserWarning, match=r"raw \[0, 255\] pixels are expected"):

@@ -445,20 +445,17 @@ def test_verify_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"version": 0}, "Argument `version` must be a positive integer (1, 2, ...) "
-     "or None for the next one. Received: version=0"),
-    ({"version": "3"}, "Argument `version` must be a positive integer (1, 2, "
-     "...) or None for the next one. Received: version='3'"),
-    ({"task": "detection"}, "Argument `task` must be one of ('classification', "
-     "'multi_label', 'regression') (or None to infer it). "
-     "Received: task='detection'"),
-    ({"class_names": ["a", "b"]}, "Argument `class_names` must be 5 non-empty "
-     "strings without newlines, one per output of this classification model. "
-     "Received: class_names=('a', 'b')"),
-    ({"top_k": 0}, "Argument `top_k` must be a positive integer. "
-     "Received: top_k=0"),
-    ({"extra_formats": ("onnx",)}, "Argument `extra_formats` may only contain "
-     "('keras', 'tflite'). Received: extra_formats=('onnx',)"),
+    ({"version": 0}, "`version` must be an integer >= 1, or None for the next one. "
+     "Received: version=0"),
+    ({"version": "3"}, "`version` must be an integer >= 1, or None for the next one. "
+     "Received: version='3'"),
+    ({"task": "boxes"}, "Unknown task for `task`. Valid names are: classification, "
+     "multi_label, regression. Received: task='boxes'"),
+    ({"class_names": ["a", "b"]}, "`class_names` must be a list of 5 non-empty strings "
+     "without newlines, one per output. Received: class_names=['a', 'b']"),
+    ({"top_k": 0}, "`top_k` must be an integer >= 1. Received: top_k=0"),
+    ({"extra_formats": ("onnx",)}, "`extra_formats` must be a list of formats among keras, "
+     "tflite. Received: extra_formats=('onnx',)"),
 ])
 def test_bad_arguments(tmp_path, cnn, kwargs, message):
     with pytest.raises(ValueError) as info:

@@ -244,6 +244,28 @@ def test_unit_range_input_warns_once(trained, split):
     assert len(messages) == 1 and "takes raw pixels in [0, 255]" in messages[0]
 
 
+def test_unit_range_check_reads_a_sample_of_raw_pixels(monkeypatch):
+    model = build_finetuner(DIGITS, num_classes=5)
+    raw = np.random.default_rng(0).uniform(0, 255, (300, 32, 32, 3)).astype("float32")
+    read = []
+    nanmax = np.nanmax
+    monkeypatch.setattr(np, "nanmax", lambda a, *args, **kw: read.append(np.size(a)) or nanmax(
+        a, *args, **kw))
+    for _ in range(3):
+        model.warn_if_unit_range(raw)
+        model.warn_if_unit_range(tf.constant(raw))
+    assert read and max(read) == 32 * 32 * 32 * 3  # the first 32 images of 300, each call
+    dark_start = raw / 255.0
+    dark_start[-1, 0, 0, 0] = 7.0  # 0-1 at first sight, raw pixels after all: no warning
+    dark_start[0, 0, 0, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.warn_if_unit_range(dark_start)
+    dark_start[-1, 0, 0, 0] = 1.0
+    with pytest.warns(UserWarning, match=r"looks like images scaled to \[0, 1\] \(max 1\)"):
+        model.warn_if_unit_range(dark_start)
+
+
 def test_nan_loss_restores_weights_and_marks_the_run_failed(split, tmp_path):
     train, val, _ = split
     model = build_finetuner(DIGITS, num_classes=5, optimizer="sgd", learning_rate=1e-3)

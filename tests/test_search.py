@@ -84,7 +84,7 @@ INVALID = [
      "Invalid config at `search_space.foo`: expected one of the keys backbone, unfreeze, "
      "optimizer, learning_rate, schedule, regularizer_kind, regularizer_strength, dropout, "
      "hidden_units, label_smoothing, batch_size, head_epochs, fine_tune_epochs, "
-     "layerwise_lr_decay, lr_factor. Received: 'foo'"),
+     "layerwise_lr_decay, lr_factor, fine_tune_warmup. Received: 'foo'"),
     ("search_space:\n  backbone: a\n  batch_size: '32'\n",
      "Invalid config at `search_space.batch_size`: expected an integer >= 1. Received: '32'"),
     ("search_space:\n  backbone: a\n  optimizer: {choice: []}\n",

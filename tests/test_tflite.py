@@ -180,3 +180,22 @@ def test_onnx_export_matches_keras(model, task, tmp_path):
     onnx_model = OnnxModel(tmp_path / "digits.onnx")
     assert onnx_model.class_names == NAMES
     assert sorted(os.listdir(tmp_path)) == ["digits.onnx", "digits.report.json", "labels.txt"]
+
+
+def test_search_config_export_formats(tmp_path, model, task):
+    from tftransfer.export.formats import FORMATS, export_formats
+    from tftransfer.search import config
+
+    assert config.EXPORT_FORMATS == FORMATS
+    space = {"search_space": {"backbone": "saved_models/digits_cnn.keras"}}
+    run = config.validate({**space, "run": {"export_formats": ["serving", "tflite-int8"]}})
+    assert run["run"]["export_formats"] == ["serving", "tflite-int8"]
+    assert config.validate(space)["run"]["export_formats"] == ["serving"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.validate({**space, "run": {"export_formats": ["tflite-int4"]}})
+    assert str(caught.value).startswith("Invalid config at `run.export_formats`: expected a "
+                                        "non-empty list of distinct names from ['serving',")
+    paths = export_formats(model, tmp_path, ["serving", "tflite-float16"],
+                           validation_data=task[1], class_names=NAMES)
+    assert paths["serving"] == str(tmp_path / "1")
+    assert read_labels(paths["tflite-float16"]) == NAMES

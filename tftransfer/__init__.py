@@ -28,6 +28,7 @@ _PUBLIC = {
     "get_schedule": "optim",
     "interpret": "interpret",
     "load_backbone": "backbones",
+    "lr_find": "lr_find",
     "predict": "predict",
     "to_onnx": "export",
     "to_tflite": "export",

@@ -206,11 +206,11 @@ def check_bool(value, argument):
 # Argument tables of the public functions. -----------------------------------
 
 def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidden_units=(),
-                        label_smoothing=0.0, weight_decay=None, pooling="avg", task=None, **_):
+                        label_smoothing=0.0, weight_decay=None, pooling="avg"):
     """Checks the numeric and shape arguments of `build_finetuner`.
 
-    Called with `**locals()` at the top of `build_finetuner`; other keyword
-    arguments are ignored (their own resolvers check them).
+    Called with explicit keywords at the top of `build_finetuner` (the other
+    arguments have their own resolvers), so a renamed argument fails loudly.
 
     Returns:
         `(num_classes, hidden_units)` normalized: an `int` (or None) and a tuple.
@@ -227,21 +227,24 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 
 
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
-                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay=None,
+                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay="auto",
                         freeze_batchnorm=None, batch_size=32, shuffle=True, early_stopping=3,
-                        overwrite=False, initial_epoch=0, keep_best_stage=True, **_):
+                        overwrite=False, initial_epoch=0, keep_best_stage=True):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.
 
-    Called with `**locals()` at the top of `fine_tune`; other keyword
-    arguments are checked where they are used.
+    Called with explicit keywords at the top of `fine_tune` (the other
+    arguments are checked where they are used), so a renamed argument fails
+    loudly.
     """
     head_epochs = check_int(head_epochs, "head_epochs", minimum=0)
     fine_tune_epochs = check_int(fine_tune_epochs, "fine_tune_epochs", minimum=0)
     if is_real(fine_tune_learning_rate):
         check_float(fine_tune_learning_rate, "fine_tune_learning_rate", low=0.0, low_open=True)
     check_float(lr_factor, "lr_factor", low=0.0, high=1.0, low_open=True)
-    check_float(layerwise_lr_decay, "layerwise_lr_decay", low=0.0, high=1.0, low_open=True,
-                allow_none=True)
+    if layerwise_lr_decay not in (None, "auto") and not (
+            is_real(layerwise_lr_decay) and 0 < layerwise_lr_decay <= 1):
+        raise invalid("layerwise_lr_decay", 'a finite float in (0, 1], "auto" or None',
+                      layerwise_lr_decay)
     check_int(batch_size, "batch_size", minimum=1)
     last = max(1, head_epochs + fine_tune_epochs) - 1
     if not (is_int(initial_epoch) and 0 <= initial_epoch <= last):
@@ -283,9 +286,6 @@ def backbone_of(model):
 
 
 # Training data. ----------------------------------------------------------------
-
-TASKS = ("classification", "multi_label", "regression")
-
 
 def model_target(model):
     """`(task, num_classes)` a `FineTuner` trains for."""

@@ -49,22 +49,26 @@ class FineTuneOptimizer:
 
     def bind_variables(self, variables_by_key):
         """Binds the multipliers to variables: `{"<layer>/<variable>": Variable}`."""
-        self._by_path = {variables_by_key[k].path: f for k, f in self.lr_multipliers.items()
-                         if k in variables_by_key}
-        self._warn_unbound()
+        self._by_path, bound = {}, 0
+        for key, factor in self.lr_multipliers.items():
+            if key in variables_by_key:
+                self._by_path.update(dict.fromkeys(_paths(variables_by_key[key]), factor))
+                bound += 1
+        self._warn_unbound(bound)
 
     def build(self, variables):
         if self._by_path is None:
-            self._by_path = {}
+            self._by_path, bound = {}, set()
             for v in variables:
                 for key, factor in self.lr_multipliers.items():
                     if v.path == key or v.path.endswith("/" + key):
-                        self._by_path[v.path] = factor
-            self._warn_unbound()
+                        self._by_path.update(dict.fromkeys(_paths(v), factor))
+                        bound.add(key)
+            self._warn_unbound(len(bound))
         super().build(variables)
 
-    def _warn_unbound(self):
-        missing = len(self.lr_multipliers) - len(self._by_path)
+    def _warn_unbound(self, bound):
+        missing = len(self.lr_multipliers) - bound
         if missing > 0:
             warnings.warn(
                 f"{missing} of {len(self.lr_multipliers)} layer-wise learning rates name no "
@@ -80,6 +84,12 @@ class FineTuneOptimizer:
     def get_config(self):
         return {**super().get_config(), "lr_multipliers": dict(self.lr_multipliers),
                 "no_decay": list(self.no_decay)}
+
+
+def _paths(variable):
+    """The names `update_step` may see for a Keras variable: its path, and the
+    name of the TF variable it wraps (a `HubLayer`'s keep their SavedModel names)."""
+    return {variable.path, _path_of(variable.value)}
 
 
 def _path_of(variable):

@@ -13,6 +13,8 @@ Example:
 import numpy as np
 import tensorflow as tf
 
+from tftransfer._checks import invalid
+
 # Formats `tf.io.decode_image` reads, by the first bytes of the file.
 EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
@@ -64,10 +66,10 @@ def check_pixels(array, argument, finite=True):
                          f"{array.max()}); for 16-bit images pass `(x // 257).astype('uint8')`. "
                          f"Received: {argument}=array(dtype={array.dtype})")
     if finite and np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-        if not finite.all():
+        ok = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not ok.all():
             raise ValueError(f"`{argument}` holds NaN or infinite pixels, first in image "
-                             f"{int(np.argmin(finite))}. Received: {argument}=array(shape="
+                             f"{int(np.argmin(ok))}. Received: {argument}=array(shape="
                              f"{array.shape}, dtype={array.dtype})")
     return array
 
@@ -96,8 +98,8 @@ def convert_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
         return image
     if channels not in (1, 3, 4) or have not in (None, 1, 2, 3, 4):
         allowed = sorted({1, 3, 4, have} - {None}) if have in (None, 1, 2, 3, 4) else [have]
-        raise ValueError(f"Invalid `channels`: expected one of {allowed} for images with "
-                         f"{have or '1-4'} channels. Received: channels={channels}")
+        raise invalid("channels", f"one of {allowed} for images with {have or '1-4'} channels",
+                      channels)
     n = tf.shape(image)[-1]
     has_rgb = n >= 3
     if channels == 1:  # a conditional: cheaper than computing gray from RGB for all

@@ -17,6 +17,8 @@ import re
 
 import psutil
 
+from tftransfer._checks import invalid
+
 ENV = "TFTRANSFER_CACHE_BUDGET"
 DEFAULT_SHARE = 0.10
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -28,9 +30,8 @@ def parse(value, arg: str = "cache_budget") -> int:
     text = str(value).strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
     if isinstance(value, bool) or not match or match.group(2) not in _UNITS:
-        raise ValueError(f"Invalid `{arg}`: expected bytes (an int >= 0, or a string like "
-                         f"'512MB' or '2GiB') or a share of RAM in (0, 1] like '0.1'. "
-                         f"Received: {arg}={value!r}")
+        raise invalid(arg, "bytes (an int >= 0, or a string like '512MB' or '2GiB') or a "
+                      "share of RAM in (0, 1] like '0.1'", value)
     number, unit = float(match.group(1)), match.group(2)
     if not unit and 0 < number <= 1 and "." in text:
         return int(number * psutil.virtual_memory().total)

@@ -61,10 +61,11 @@ class Registry:
         """Returns the sorted valid names."""
         return sorted(self.table)
 
-    def lookup(self, name):
-        """Returns the factory registered under `name` or raises `ValueError`."""
+    def lookup(self, name, argument=None):
+        """Returns the factory registered under `name` or raises `ValueError`
+        (naming `argument`, by default the table's)."""
         if not isinstance(name, str) or _normalise(name) not in self.table:
-            raise unknown_name_error(self.kind, self.argument, name, self.table)
+            raise unknown_name_error(self.kind, argument or self.argument, name, self.table)
         return self.table[_normalise(name)]
 
     def __contains__(self, name):

@@ -188,7 +188,9 @@ def logged_epochs(path, start, end=None):
                 rows[int(row.pop("epoch"))] = row
     epochs = sorted(e for e in rows if e >= start and (end is None or e < end))
     keys = list(rows[epochs[0]]) if epochs else []
-    return {k: [float(rows[e][k]) for e in epochs] for k in keys}
+    # CSVLogger writes "NA" for a metric an epoch lacks (every val_* without validation).
+    return {k: [float("nan") if rows[e][k] == "NA" else float(rows[e][k]) for e in epochs]
+            for k in keys if any(rows[e][k] != "NA" for e in epochs)}
 
 
 def drop_rows(path, start):

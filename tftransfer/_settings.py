@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tftransfer import _memory
-from tftransfer._checks import is_int
+from tftransfer._checks import invalid, is_int
 
 CACHE_MODES = ("auto", "memory", "disk", True, False, None)
 INTERPOLATIONS = ("area", "bicubic", "bilinear", "gaussian", "lanczos3",
@@ -30,12 +30,6 @@ DEFAULT_AUGMENTATION = ("flip", "rotation", "zoom")
 # Validated settings; cache is "auto", "memory", "disk", None (off) or a file prefix.
 Spec = collections.namedtuple("Spec", "image_size channels batch_size seed shuffle "
                               "cache augment interpolation validation_split budget")
-
-
-def invalid(arg: str, expected: str, value) -> ValueError:
-    shown = (f"array(shape={value.shape}, dtype={value.dtype})"
-             if isinstance(value, np.ndarray) else repr(value))
-    return ValueError(f"Invalid `{arg}`: expected {expected}. Received: {arg}={shown}")
 
 
 def resolve_shape(model, image_size, channels) -> tuple[tuple[int, int], int]:
@@ -88,8 +82,8 @@ def check_cache(cache):
 
 
 def make_spec(*, model, image_size, channels, batch_size, seed, shuffle, cache,
-               augment, interpolation, validation_split=0.0, cache_budget=None, **_) -> Spec:
-    """Validates the arguments every loader shares (called with ``locals()``)."""
+              augment, interpolation, validation_split=0.0, cache_budget=None) -> Spec:
+    """Validates the arguments every loader shares (called with explicit keywords)."""
     size, channels = resolve_shape(model, image_size, channels)
     if not is_int(batch_size) or batch_size < 1:
         raise invalid("batch_size", "an int >= 1", batch_size)

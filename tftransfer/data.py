@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer import _checks, _folders, _images, _pipeline, _settings
+from tftransfer._checks import invalid
 
 IMAGE_EXTENSIONS = _images.EXTENSIONS
 CACHE_MODES, INTERPOLATIONS = _settings.CACHE_MODES, _settings.INTERPOLATIONS
@@ -120,11 +121,11 @@ def _indexed(spec, load, labels, names, class_weight, key, skipped=None,
 def _list_images(root) -> _folders.Listing:
     """The cheap listing of ``root``; warns once about the files it leaves out."""
     if not isinstance(root, (str, os.PathLike)) or not os.path.isdir(root):
-        raise _settings.invalid("path", "an existing directory with one subfolder per class", root)
+        raise invalid("path", "an existing directory with one subfolder per class", root)
     classes = sorted(e.name for e in os.scandir(root)
                      if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise _settings.invalid("path", "a directory with one subfolder of images per class "
+        raise invalid("path", "a directory with one subfolder of images per class "
                        "(e.g. path/cat/1.jpg, path/dog/2.png)", root)
     listing = _folders.list_images(root, classes)
     message = _folders.listing_warning(listing.bad, listing.excluded)
@@ -133,9 +134,9 @@ def _list_images(root) -> _folders.Listing:
     counts = np.bincount(listing.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise _settings.invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
+        raise invalid("path", f"at least one readable {'/'.join(IMAGE_EXTENSIONS)} image "
                        f"per class subfolder; none in {empty} ({len(listing.bad)} undecodable "
-                       "file(s) skipped overall)", root)
+                       "file(s) skipped overall)", root, verb="hold")
     return listing
 
 
@@ -193,7 +194,10 @@ def from_directory(path, *, model=None, image_size=None, channels=None,
         ...                       augment=["flip", "zoom"], class_weight="balanced")
         >>> images, labels = next(iter(data.train))  # float32 0-255, int32
     """
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        validation_split=validation_split, cache_budget=cache_budget)
     listing = _list_images(path)
     key = spec.cache not in CACHE_MODES and _settings.fingerprint(
         spec, listing.paths, [_size_and_time(p) for p in listing.paths])
@@ -215,12 +219,12 @@ def _check_arrays(x, y, class_names):
     x = _stack_images(x)
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4:
-        raise _settings.invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
+        raise invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
     _images.check_pixels(x, "x", finite=False)  # NaN / inf: `_checks.check_batch` below
     y, class_names = _label_indices(np.asarray(y), class_names)
     if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
-        raise _settings.invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class "
-                                "names) of shape [n]", y)
+        raise invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class names) of "
+                      "shape [n]", y)
     if x.dtype != np.uint8 and (x.min() < 0 or x.max() <= 1.0):
         warnings.warn(f"`x` spans [{x.min():.3g}, {x.max():.3g}]; raw [0, 255] pixels are "
                       "expected (models preprocess themselves).", stacklevel=3)
@@ -232,9 +236,9 @@ def _stack_images(x):
     if isinstance(x, (list, tuple)):
         shapes = sorted({np.shape(image) for image in x})
         if len(shapes) > 1:
-            raise _settings.invalid("x", "images of one size (resize them first, or load "
-                                    f"them with from_directory); found sizes {shapes[:4]}",
-                                    f"a list of {len(x)} images")
+            raise invalid("x", "images of one size (resize them first, or load "
+                          f"them with from_directory); found sizes {shapes[:4]}",
+                          f"a list of {len(x)} images")
     return np.asarray(x)
 
 
@@ -246,14 +250,14 @@ def _label_indices(y, class_names):
         known = {str(c): i for i, c in enumerate(class_names)}
         unknown = sorted(set(names) - set(known))
         if unknown or y.ndim != 1:
-            raise _settings.invalid("y", f"labels that are names in class_names={list(class_names)}"
-                                    f" (unknown: {unknown[:5]})", y)
+            raise invalid("y", f"labels that are names in class_names={list(class_names)}"
+                          f" (unknown: {unknown[:5]})", y)
         return np.asarray([known[n] for n in names]), class_names
     if np.issubdtype(y.dtype, np.floating) and y.size and np.all(np.isfinite(y)) \
             and np.all(y == np.round(y)):
         y = y.astype(np.int64)  # whole-number floats, as fine_tune takes them
     if not np.issubdtype(y.dtype, np.integer):
-        raise _settings.invalid("y", "integer labels, whole-number floats or class names", y)
+        raise invalid("y", "integer labels, whole-number floats or class names", y)
     return y, class_names
 
 
@@ -261,7 +265,7 @@ def _names_for(class_names, num_labels: int) -> list[str]:
     if class_names is None:
         return [str(i) for i in range(num_labels)]
     if isinstance(class_names, str) or len(class_names) < num_labels:
-        raise _settings.invalid("class_names", f"a list of at least {num_labels} names "
+        raise invalid("class_names", f"a list of at least {num_labels} names "
                        "(one per label)", class_names)
     return [str(c) for c in class_names]
 
@@ -286,7 +290,10 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         >>> (x, y), _ = keras.datasets.mnist.load_data()
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
     """
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        validation_split=validation_split, cache_budget=cache_budget)
     x, y, class_names = _check_arrays(x, y, class_names)
     _checks.check_batch(x, y, argument=("x", "y"))  # NaN / inf pixels: the first bad index
     class_names = _names_for(class_names, int(y.max()) + 1)
@@ -309,7 +316,7 @@ def _check_element_spec(ds, arg: str) -> tf.data.Dataset:
     image = spec[0].shape if isinstance(spec, tuple) and len(spec) == 2 else None
     if image is None or image.rank not in (2, 3) or image[-1] is None and image.rank == 3 \
             or spec[1].shape.rank != 0 or not spec[1].dtype.is_integer:
-        raise _settings.invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
+        raise invalid(arg, "a tf.data.Dataset of (image [H, W] or [H, W, C] with "
                        "known C, integer label []) pairs, or batches of them", ds)
     return ds
 
@@ -354,7 +361,10 @@ def from_dataset(ds, *, validation=None, class_names=None, model=None,
         >>> ds = tf.data.Dataset.from_tensor_slices((images, labels))
         >>> data = from_dataset(ds, class_names=["cat", "dog"], model=model)
     """
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        cache_budget=cache_budget)
     ds = _check_element_spec(ds, "ds")
     validation = validation and _check_element_spec(validation, "validation")
     count = class_names is None or class_weight == "balanced"
@@ -388,7 +398,7 @@ def _tfds_builder(name: str, data_dir, download: bool):
     keys = builder.info.supervised_keys
     if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
             and isinstance(builder.info.features[keys[1]], tfds.features.ClassLabel)):
-        raise _settings.invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
+        raise invalid("name", "a dataset with supervised_keys=(image, ClassLabel)", name)
     return builder, keys
 
 
@@ -415,10 +425,13 @@ def from_tfds(name, *, split=("train[:80%]", "train[80%:]"), data_dir=None,
     """
     import tensorflow_datasets as tfds
 
-    spec = _settings.make_spec(**locals())
+    spec = _settings.make_spec(
+        model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,
+        cache_budget=cache_budget)
     splits = (split, None) if isinstance(split, str) else split
     if not isinstance(splits, (tuple, list)) or len(splits) != 2 or not isinstance(splits[0], str):
-        raise _settings.invalid("split", "a TFDS split string or (train, validation_or_None)", split)
+        raise invalid("split", "a TFDS split string or (train, validation_or_None)", split)
     builder, (image_key, label_key) = _tfds_builder(name, data_dir, download)
     names, counts = builder.info.features[label_key].names, None
     read = functools.partial(builder.as_dataset, as_supervised=True,

@@ -16,16 +16,10 @@ Example:
 
 import numpy as np
 
+from tftransfer._checks import invalid
+
 _DIGITS_MAX = 16.0
 _DIGITS_SIZE = 8
-
-
-def _invalid(argument, allowed, received):
-    """Builds the ValueError raised for a bad argument."""
-    return ValueError(
-        f"Invalid `{argument}`: expected {allowed}. "
-        f"Received: {argument}={received!r}"
-    )
 
 
 def _validate_classes(classes):
@@ -34,7 +28,7 @@ def _validate_classes(classes):
     try:
         values = tuple(classes)
     except TypeError:
-        raise _invalid("classes", allowed, classes) from None
+        raise invalid("classes", allowed, classes) from None
     ok = (
         len(values) > 0
         and all(isinstance(c, (int, np.integer)) for c in values)
@@ -43,7 +37,7 @@ def _validate_classes(classes):
         and len(set(int(c) for c in values)) == len(values)
     )
     if not ok:
-        raise _invalid("classes", allowed, classes)
+        raise invalid("classes", allowed, classes)
     return tuple(int(c) for c in values)
 
 
@@ -54,9 +48,9 @@ def _validate_image_args(image_size, channels):
         or isinstance(image_size, bool)
         or image_size < _DIGITS_SIZE
     ):
-        raise _invalid("image_size", "an int >= 8", image_size)
+        raise invalid("image_size", "an int >= 8", image_size)
     if isinstance(channels, bool) or channels not in (1, 3):
-        raise _invalid("channels", "one of (1, 3)", channels)
+        raise invalid("channels", "one of (1, 3)", channels)
 
 
 def _resize(images, image_size):
@@ -142,7 +136,7 @@ def few_shot_split(x, y, per_class, seed=0):
         or isinstance(per_class, bool)
         or per_class < 1
     ):
-        raise _invalid("per_class", "an int >= 1", per_class)
+        raise invalid("per_class", "an int >= 1", per_class)
     x, y = np.asarray(x), np.asarray(y)
     if y.ndim != 1 or len(x) != len(y):
         raise ValueError(

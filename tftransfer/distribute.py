@@ -10,8 +10,8 @@ own tests do), `"multi_worker"` is `MultiWorkerMirroredStrategy` from
 Keras 3's `fit` / `evaluate` fail across several workers
 (keras-team/keras#20585): its first-batch build reduces the distributed batch,
 and the metrics of a step are reduced along an axis they do not have.
-`prepare_model(model)` (which `build_finetuner` and `fine_tune` call) fixes
-both for one model, and does nothing outside multi-worker training.
+`MultiWorkerSteps`, a `keras.Model` mixin of `FineTuner` and its head model,
+fixes both, and changes nothing outside multi-worker training.
 
 `launch_tuning_cluster(command, workers=N)` runs a KerasTuner chief and N
 workers of `command` on this host (one GPU per worker when there are GPUs).
@@ -103,10 +103,17 @@ def scope(identifier=None):
 
 
 def in_multi_worker_mode(strategy=None):
-    """Whether `strategy` (default: the current one) spans several workers."""
+    """Whether `strategy` (default: the current one) spans several workers.
+
+    Read from the strategy's public `cluster_resolver`: the cluster has more
+    than one worker (chief included).
+    """
     strategy = strategy or tf.distribute.get_strategy()
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    jobs = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return len(jobs.get("worker", ())) + len(jobs.get("chief", ())) > 1
 
 
 def worker_task():
@@ -138,52 +145,56 @@ def worker_directory(directory, strategy=None):
     return directory if chief else os.path.join(directory, "workers", f"{kind}-{index}")
 
 
-def prepare_model(model):
-    """Lets Keras 3's `fit` and `evaluate` run `model` on several workers.
+class MultiWorkerSteps:
+    """`keras.Model` mixin: Keras 3's `fit` and `evaluate` across several workers.
 
     Under a multi-worker `MultiWorkerMirroredStrategy`, Keras 3.15 fails in
     two places (keras-team/keras#20585): the model's first-batch build
     reduces a distributed batch across workers, and each step's metrics
     (scalars) are reduced "along axis 0". This builds from the worker's local
     batch, and gives each metric a leading axis of one so that the
-    cross-worker mean lands on the value itself. Outside multi-worker mode
-    (and when already prepared) it does nothing.
+    cross-worker mean lands on the value itself. Outside multi-worker mode it
+    changes nothing.
 
-    Args:
-        model: A Keras model created in the strategy's scope.
-
-    Returns:
-        The same model.
+    Put it before `keras.Model` in a model class's bases (`FineTuner` does).
     """
-    strategy = model.distribute_strategy
-    if not in_multi_worker_mode(strategy) or getattr(model, "_tftransfer_multi_worker", False):
-        return model
 
+    def train_step(self, data):
+        """Keras's `train_step`; each log value gets a leading axis across workers."""
+        return self._with_worker_axis(super().train_step(data))
+
+    def test_step(self, data):
+        """Keras's `test_step`; each log value gets a leading axis across workers."""
+        return self._with_worker_axis(super().test_step(data))
+
+    def _with_worker_axis(self, logs):
+        if not in_multi_worker_mode(self.distribute_strategy):
+            return logs
+        return tree.map_structure(lambda v: tf.expand_dims(v, 0), logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Private Keras hook (TensorFlowTrainer._maybe_symbolic_build),
+        # overridden because Keras offers no public way to build the compiled
+        # metrics and loss from a local batch before `fit` runs its first
+        # step; Keras's version reduces the distributed batch across workers
+        # (docs/private_hooks.md).
+        strategy = self.distribute_strategy
+        if not in_multi_worker_mode(strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(_local_value(strategy), next(batches))
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)  # private too: same reason
+
+
+def _local_value(strategy):
     def local(value):
         if isinstance(value, tf.distribute.DistributedValues):
             return strategy.experimental_local_results(value)[0]
         return value
-
-    def maybe_symbolic_build(iterator=None, data_batch=None):
-        if iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = tree.map_structure(local, next(batches))
-                break
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    def with_axis(step):
-        def run(data):
-            return tree.map_structure(lambda v: tf.expand_dims(v, 0), step(data))
-        return run
-
-    # Instance attributes: Keras looks these up on the model when it builds
-    # its train and test functions.
-    model._maybe_symbolic_build = maybe_symbolic_build
-    model.train_step = with_axis(model.train_step)
-    model.test_step = with_axis(model.test_step)
-    model._tftransfer_multi_worker = True
-    return model
+    return local
 
 
 def free_port():

@@ -2,9 +2,9 @@
 
 import keras
 
-from tftransfer import _checks, heads, optim
+from tftransfer import _checks, heads, optim, tasks
 from tftransfer.backbones import load_backbone
-from tftransfer.distribute import prepare_model, scope
+from tftransfer.distribute import scope
 from tftransfer.model import FineTuner
 
 
@@ -99,9 +99,12 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
     """
     if num_classes is None and class_names is not None and not isinstance(class_names, str):
         num_classes = len(class_names)
-    num_classes, hidden_units = _checks.finetuner_arguments(**locals())
+    num_classes, hidden_units = _checks.finetuner_arguments(
+        num_classes=num_classes, input_shape=input_shape, dropout=dropout,
+        hidden_units=hidden_units, label_smoothing=label_smoothing, weight_decay=weight_decay,
+        pooling=pooling)
+    task = tasks.check_task(task)
     num_classes = heads.check_num_classes(num_classes, task)
-    heads.TASKS.lookup(task)
     with scope(strategy):
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,
@@ -121,7 +124,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         model.freeze(trainable, freeze_batchnorm=freeze_batchnorm)
         instance = optimizer if isinstance(optimizer, keras.optimizers.Optimizer) else "auto"
         model.compile(optimizer=instance, loss=loss, metrics=metrics)  # an instance is used as is
-    return prepare_model(model)  # Keras 3 fit across workers (keras-team/keras#20585)
+    return model
 
 
 def _recipe(optimizer, learning_rate, weight_decay, options, label_smoothing, trainable,

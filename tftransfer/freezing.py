@@ -1,6 +1,7 @@
-"""Freezing policies: which backbone layers train.
+"""Freeze policies: which backbone layers train.
 
-A policy is `"none"` (all frozen), `"all"`, `"top:N"` (the last N layers that
+A freeze policy (`build_finetuner(trainable=...)`, `fine_tune(unfreeze=...)`,
+`FineTuner.freeze(policy)`) is `"none"` (all frozen), `"all"`, `"top:N"` (the last N layers that
 have weights), `"fraction:F"` (the last F of them), a regex or a list of
 regexes matched against layer names, or a callable `layer -> bool`. Keywords
 are matched case-insensitively (`"ALL"`, `"Top:1"`); a regex, list or callable
@@ -9,7 +10,9 @@ that selects no layer with weights is refused, naming a few layers.
 BatchNormalization layers of a frozen part keep `trainable=False`, which in
 Keras 3 also runs them in inference mode: their moving statistics never change.
 With `freeze_batchnorm=True` (the default of `build_finetuner`, and the advice of
-the Keras transfer-learning guide) they stay frozen even inside a trainable part.
+the Keras transfer-learning guide) they stay frozen even inside a trainable part;
+a `HubLayer` (whose BatchNorm is inside the SavedModel) is then called with
+`training=False` while its variables train.
 
 Example:
 
@@ -87,40 +90,40 @@ _PREFIXES = {"top": lambda arg, spec, argument: _top(int(arg), spec, argument),
              "fraction": lambda arg, spec, argument: _fraction(float(arg), spec, argument)}
 
 
-def get_policy(trainable, argument="trainable"):
-    """Turns a `trainable` identifier into `policy(layers) -> set of ids`.
+def get_policy(policy, argument="trainable"):
+    """Turns a freeze policy identifier into `select(layers) -> set of ids`.
 
     Keywords and prefixes (`"ALL"`, `"Top:1"`) are matched case-insensitively.
     """
-    if isinstance(trainable, bool):
-        trainable = "all" if trainable else "none"
-    if callable(trainable):
-        return _callable(trainable)
-    if isinstance(trainable, (list, tuple)):
-        return _regexes(_check_regexes(trainable, argument))
-    if not isinstance(trainable, str):
-        raise _policy_error(trainable, argument)
-    keyword = trainable.strip().lower()
+    if isinstance(policy, bool):
+        policy = "all" if policy else "none"
+    if callable(policy):
+        return _callable(policy)
+    if isinstance(policy, (list, tuple)):
+        return _regexes(_check_regexes(policy, argument))
+    if not isinstance(policy, str):
+        raise _policy_error(policy, argument)
+    keyword = policy.strip().lower()
     if keyword in _KEYWORDS:
         return _KEYWORDS[keyword]
     prefix, sep, arg = keyword.partition(":")
     if sep and prefix in _PREFIXES:
         try:
-            return _PREFIXES[prefix](arg.strip(), trainable, argument)
+            return _PREFIXES[prefix](arg.strip(), policy, argument)
         except ValueError as e:
             if "Received" in str(e):
                 raise
-            raise _policy_error(trainable, argument) from None
-    return _regexes(_check_regexes([trainable], argument, received=trainable))
+            raise _policy_error(policy, argument) from None
+    return _regexes(_check_regexes([policy], argument, received=policy))
 
 
-def _is_keyword(trainable):
+def _is_keyword(policy):
     """True for the policies that may select nothing on purpose ("none", "top:0", ...)."""
-    if isinstance(trainable, bool):
+    if isinstance(policy, bool):
         return True
-    if not isinstance(trainable, str):
+    if not isinstance(policy, str):
         return False
-    keyword = trainable.strip().lower()
+    keyword = policy.strip().lower()
     return keyword in _KEYWORDS or keyword.partition(":")[0] in _PREFIXES
 
 
@@ -139,44 +142,44 @@ def _policy_error(received, argument="trainable"):
         "regexes on layer names, or a callable `layer -> bool`", received)
 
 
-def selection(backbone, trainable="none", freeze_batchnorm=True, argument="trainable"):
-    """The leaf layers of `backbone` that `trainable` makes trainable.
+def selection(backbone, policy="none", freeze_batchnorm=True, argument="trainable"):
+    """The leaf layers of `backbone` that freeze policy `policy` makes trainable.
 
     Raises:
-        ValueError: `trainable` is malformed, or a regex, list or callable
+        ValueError: `policy` is malformed, or a regex, list or callable
             selects no layer with weights (the error lists a few names).
 
     Returns:
         `(layers, chosen)`: all leaf layers, and the set of ids chosen.
     """
-    policy = get_policy(trainable, argument)
+    select = get_policy(policy, argument)
     layers = leaf_layers(backbone) or [backbone]
     candidates = [layer for layer in layers if not (freeze_batchnorm and _is_bn(layer))]
-    chosen = policy(candidates)
-    if not _is_keyword(trainable) and not any(id(c) in chosen for c in weighted_layers_of(candidates)):
+    chosen = select(candidates)
+    if not _is_keyword(policy) and not any(id(c) in chosen for c in weighted_layers_of(candidates)):
         frozen_bn = [layer for layer in layers if _is_bn(layer) and layer not in candidates]
-        raise _selects_nothing(trainable, argument, candidates, policy(frozen_bn))
+        raise _selects_nothing(policy, argument, candidates, select(frozen_bn))
     return layers, chosen
 
 
-def _selects_nothing(trainable, argument, candidates, with_bn):
+def _selects_nothing(policy, argument, candidates, with_bn):
     names = [layer.name for layer in weighted_layers_of(candidates)]
     hint = ("It matches only BatchNormalization layers, kept frozen by "
             "freeze_batchnorm=True." if with_bn else
             f"Layers with weights: {few_names(names)}.")
-    if isinstance(trainable, str):  # a mistyped keyword is taken as a regex
-        close = close_matches(trainable.partition(":")[0], ["none", "all", "top", "fraction"])
+    if isinstance(policy, str):  # a mistyped keyword is taken as a regex
+        close = close_matches(policy.partition(":")[0], ["none", "all", "top", "fraction"])
         hint += "".join(f" Did you mean {_FORMS[c]!r}?" for c in close[:1])
     return invalid(argument, "a policy that selects at least one backbone layer with "
-                   "weights (regexes are searched in layer names)", trainable, hint)
+                   "weights (regexes are searched in layer names)", policy, hint)
 
 
-def apply(backbone, trainable="none", freeze_batchnorm=True, argument="trainable"):
-    """Sets `trainable` on every leaf layer of `backbone`.
+def apply(backbone, policy="none", freeze_batchnorm=True, argument="trainable"):
+    """Sets `trainable` on every leaf layer of `backbone` from a freeze policy.
 
     Args:
         backbone: A `keras.Model` (or layer).
-        trainable: A freezing policy (see module docstring).
+        policy: A freeze policy (see module docstring).
         freeze_batchnorm: Boolean, keep BatchNormalization layers frozen (in
             inference mode) even in the trainable part. Defaults to `True`.
         argument: String, the argument named in errors (`"trainable"`,
@@ -192,10 +195,12 @@ def apply(backbone, trainable="none", freeze_batchnorm=True, argument="trainable
     Returns:
         The number of leaf layers left trainable that own weights.
     """
-    layers, chosen = selection(backbone, trainable, freeze_batchnorm, argument)
+    layers, chosen = selection(backbone, policy, freeze_batchnorm, argument)
     backbone.trainable = True  # Containers stay trainable; leaves decide.
     for layer in layers:
         layer.trainable = id(layer) in chosen
+        if hasattr(layer, "freeze_batchnorm"):  # a HubLayer: its BatchNorm is inside
+            layer.freeze_batchnorm = bool(freeze_batchnorm)
     if not any(layer.trainable for layer in layers):
         backbone.trainable = False
     return sum(1 for layer in layers if layer.trainable and layer.weights)

@@ -12,7 +12,7 @@
 import keras
 
 from tftransfer._checks import check_choice, check_int_sequence, check_probability, invalid, is_int
-from tftransfer._registry import Registry
+from tftransfer.tasks import ACTIVATIONS, check_task
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
@@ -60,28 +60,19 @@ def _classification_metrics(num_classes):
     return metrics
 
 
-TASKS = Registry(
-    "task",
-    "task",
-    {
-        "classification": {
-            "activation": "softmax",
-            "loss": _classification_loss,
-            "metrics": _classification_metrics,
-        },
-        "multi_label": {
-            "activation": "sigmoid",
-            "loss": lambda n, s: keras.losses.BinaryCrossentropy(label_smoothing=s),
-            "metrics": lambda n: [keras.metrics.BinaryAccuracy(name="binary_accuracy"),
-                                  keras.metrics.AUC(multi_label=True, num_labels=n, name="auc")],
-        },
-        "regression": {
-            "activation": None,
-            "loss": lambda n, s: keras.losses.MeanSquaredError(),
-            "metrics": lambda n: [keras.metrics.MeanAbsoluteError(name="mae")],
-        },
+# Loss and metrics of each task's head.
+_HEADS = {
+    "classification": {"loss": _classification_loss, "metrics": _classification_metrics},
+    "multi_label": {
+        "loss": lambda n, s: keras.losses.BinaryCrossentropy(label_smoothing=s),
+        "metrics": lambda n: [keras.metrics.BinaryAccuracy(name="binary_accuracy"),
+                              keras.metrics.AUC(multi_label=True, num_labels=n, name="auc")],
     },
-)
+    "regression": {
+        "loss": lambda n, s: keras.losses.MeanSquaredError(),
+        "metrics": lambda n: [keras.metrics.MeanAbsoluteError(name="mae")],
+    },
+}
 
 
 POOLINGS = ("avg", "max")
@@ -127,7 +118,7 @@ def build_head(feature_shape, num_classes, *, task="classification", hidden_unit
         A built `keras.Sequential` named `"head"`; its last layer is
         `"predictions"`.
     """
-    spec = TASKS.lookup(task)
+    task = check_task(task)
     num_classes = check_num_classes(num_classes, task)
     check_probability(dropout, "dropout")
     check_choice(pooling, "pooling", POOLINGS)
@@ -138,7 +129,7 @@ def build_head(feature_shape, num_classes, *, task="classification", hidden_unit
         layers.append(keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
                                          name=f"head_dense_{i}", dtype=dtype))
     layers += _dropout(dropout, "head_dropout")
-    layers.append(keras.layers.Dense(num_classes, activation=spec["activation"],
+    layers.append(keras.layers.Dense(num_classes, activation=ACTIVATIONS[task],
                                      kernel_regularizer=regularizer, name="predictions",
                                      dtype="float32"))
     return keras.Sequential(layers, name="head")
@@ -163,9 +154,9 @@ def _dropout(rate, name):
 def auto_loss(task, num_classes, label_smoothing=0.0):
     """The loss a head of `task` trains with."""
     label_smoothing = check_probability(label_smoothing, "label_smoothing")
-    return TASKS.lookup(task)["loss"](num_classes, label_smoothing)
+    return _HEADS[check_task(task)]["loss"](num_classes, label_smoothing)
 
 
 def auto_metrics(task, num_classes):
     """The metrics reported for a head of `task`."""
-    return TASKS.lookup(task)["metrics"](num_classes)
+    return _HEADS[check_task(task)]["metrics"](num_classes)

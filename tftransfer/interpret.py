@@ -296,6 +296,8 @@ def _normalized(maps):
 def plot_grid(path, images, titles, heatmaps=None, columns=3):
     """Writes images (0-255) in a grid with titles, heat maps overlaid.
 
+    `path` is a file name or a binary file object.
+
     Returns:
         `path`.
     """
@@ -317,7 +319,8 @@ def plot_grid(path, images, titles, heatmaps=None, columns=3):
             ax.imshow(heatmaps[i], cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png", dpi=80)
     plt.close(fig)
     return path

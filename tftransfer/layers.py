@@ -173,6 +173,11 @@ class HubLayer(keras.layers.Layer):
             feeds. Defaults to the signature's only input.
         tags: Optional list of MetaGraph tags (TF1 SavedModels), e.g.
             `["serve"]`.
+        freeze_batchnorm: Boolean, call the SavedModel in inference mode
+            (`training=False`) even while its variables train, so its
+            BatchNormalization keeps the pretrained moving statistics (its
+            dropout is off too). `tftransfer.freezing.apply` sets it from
+            its own `freeze_batchnorm`. Defaults to `False`.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, which
             defaults to `"float32"`: the SavedModel's dtypes are fixed).
 
@@ -184,7 +189,7 @@ class HubLayer(keras.layers.Layer):
 
     def __init__(self, handle, trainable=False, arguments=None, *, signature=None,
                  signature_outputs_as_dict=False, output_key=None, output_shape=None,
-                 input_key=None, tags=None, **kwargs):
+                 input_key=None, tags=None, freeze_batchnorm=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(trainable=trainable, **kwargs)
         handle = os.fspath(handle)
@@ -196,6 +201,7 @@ class HubLayer(keras.layers.Layer):
         self.output_key = output_key
         self.input_key = input_key
         self.tags = list(tags) if tags is not None else None
+        self.freeze_batchnorm = bool(freeze_batchnorm)
         self._shapes_config = _plain_shapes(output_shape)
         self._shapes = None if output_shape is None else _tensor_shapes(self._shapes_config)
         self._load()
@@ -276,9 +282,12 @@ class HubLayer(keras.layers.Layer):
 
     def _track_weights(self, loaded):
         trainable, non_trainable = _variables_of(loaded, self._endpoint)
-        for v in trainable + non_trainable:
-            is_trainable = any(v is t for t in trainable)
-            self._track_variable(keras.Variable(v, trainable=is_trainable, name=_keras_name(v)))
+        variables = [keras.Variable(v, trainable=any(v is t for t in trainable),
+                                    name=_keras_name(v)) for v in trainable + non_trainable]
+        self.hub_variables = variables  # a list set as an attribute: Keras tracks each variable
+        if not self.trainable:  # as `add_weight` does in a frozen layer, once tracked
+            for v in variables:
+                v.trainable = False
         if self.trainable and not trainable:
             warnings.warn(
                 f"HubLayer is trainable but has zero trainable weights: the SavedModel at "
@@ -295,7 +304,8 @@ class HubLayer(keras.layers.Layer):
     # ------------------------------------------------------------ calling
 
     def call(self, inputs, training=None):
-        outputs = self._forward(inputs, bool(training) and self.trainable)
+        training = bool(training) and self.trainable and not self.freeze_batchnorm
+        outputs = self._forward(inputs, training)
         if self.trainable:  # The publisher's weight penalties train with the weights.
             for loss in self._regularization_losses:
                 self.add_loss(loss())
@@ -403,6 +413,7 @@ class HubLayer(keras.layers.Layer):
             output_shape=self._shapes_config,
             input_key=self.input_key,
             tags=self.tags,
+            freeze_batchnorm=self.freeze_batchnorm,
         )
         return config
 

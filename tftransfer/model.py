@@ -23,22 +23,28 @@ Example:
 """
 
 import copy
+import re
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import freezing, heads, optim
+from tftransfer import freezing, heads, optim, tasks
+from tftransfer._names import DTYPE_POLICIES
+from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
 
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# `layerwise_lr_decay="auto"`: the head learns this many times faster than the
+# bottom backbone layer (fastai's `slice(lr / 100, lr)` spans 100x; 30x gained
+# more on bench/two_stage.py).
+AUTO_LR_RANGE = 30.0
 # What the model is fed: raw pixels, whatever the backbone's preprocessing.
 INPUT_RANGE = (0.0, 255.0)
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
-class FineTuner(keras.Model):
+class FineTuner(MultiWorkerSteps, keras.Model):
     """A transfer-learning model: preprocessing, pretrained backbone, new head.
 
     Most users get one from `build_finetuner`; the constructor takes the
@@ -71,6 +77,7 @@ class FineTuner(keras.Model):
                  hidden_units=(), dropout=0.0, regularizer=None, pooling="avg",
                  class_names=None, source=None, recipe=None, dtype_policy=None,
                  name="finetuner", **kwargs):
+        task = tasks.check_task(task)
         num_classes = heads.check_num_classes(num_classes, task)
         policy = _check_dtype_policy(dtype_policy)
         if policy is not None:
@@ -149,7 +156,7 @@ class FineTuner(keras.Model):
 
     @class_names.setter
     def class_names(self, names):
-        self._class_names = _check_class_names(names, self._num_classes)
+        self._class_names = tasks.check_class_names(names, self._num_classes)
 
     @property
     def input_range(self):
@@ -189,7 +196,8 @@ class FineTuner(keras.Model):
             learning_rate: Float or schedule; defaults to the base rate.
             layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
                 backbone layer from the top learns at `rate * decay**k`, the
-                head at `rate`.
+                head at `rate`; `"auto"` spreads the backbone's rates over
+                30x (see `layerwise_multipliers`).
 
         Returns:
             A `keras.optimizers.Optimizer` (serializable with its rates).
@@ -205,13 +213,44 @@ class FineTuner(keras.Model):
 
     def layerwise_multipliers(self, decay):
         """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
-        k=1 at the top (the keys survive save and reload)."""
-        layers = [layer for layer in freezing.leaf_layers(self._backbone) if layer.trainable_weights]
+        k=1 at the top (the keys survive save and reload).
+
+        A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
+        and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
+        bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
+        (30x) from the head to the bottom layer of the whole backbone
+        (BatchNormalization aside), whatever the depth:
+        `decay = (1 / 30) ** (1 / layers)`; with `"top:N"` only the top N
+        train, at the rates of their depth.
+        """
+        groups = self._depth_groups()
+        if isinstance(decay, str):  # "auto"
+            depth = len(self._depth_groups(trainable_only=False))
+            decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, depth))
         multipliers = {}
-        for depth, layer in enumerate(reversed(layers), start=1):
-            for variable in layer.trainable_weights:
-                multipliers[f"{layer.name}/{variable.name}"] = float(decay) ** depth
+        for depth, keys in enumerate(reversed(groups), start=1):
+            for key in keys:
+                multipliers[key] = float(decay) ** depth
         return multipliers
+
+    def _depth_groups(self, trainable_only=True):
+        """Lists of `"<layer>/<variable>"` keys of the trainable backbone (or of
+        all of it, BatchNormalization aside), bottom to top."""
+        groups = []
+        for layer in freezing.leaf_layers(self._backbone):
+            weights = layer.trainable_weights if trainable_only else (
+                [] if isinstance(layer, keras.layers.BatchNormalization) else layer.weights)
+            if not weights:
+                continue
+            if not isinstance(layer, HubLayer):
+                groups.append([f"{layer.name}/{v.name}" for v in weights])
+                continue
+            by_prefix = {}
+            for v in weights:
+                prefix = re.split(r"__|/", v.name)[0]  # conv1__kernel -> conv1
+                by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
+            groups += list(by_prefix.values())
+        return groups
 
     def _bind(self, optimizer):
         """Binds layer-wise rates (keyed by layer and variable name) to this model's variables."""
@@ -265,7 +304,7 @@ class FineTuner(keras.Model):
         Used to train stage 1 on cached features.
         """
         inputs = keras.Input(self._backbone.output_shape[1:], name="features")
-        model = keras.Model(inputs, self._head(inputs), name="head_model")
+        model = _HeadModel(inputs, self._head(inputs), name="head_model")
         self._compile_like(model, self.stage_optimizer(learning_rate))
         return model
 
@@ -289,13 +328,17 @@ class FineTuner(keras.Model):
 
     # === Input checks ===
     def warn_if_unit_range(self, images, argument="x"):
-        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model."""
+        """Warns once when `images` look like 0-1 data (max <= 1) for a 0-255 model.
+
+        Reads the first images only, unless they look like 0-1 data: then
+        all of them decide, so a call with raw pixels costs a small sample.
+        """
         if self._warned_unit_range or not _is_array(images):
             return
-        array = np.asarray(images)
-        if array.size and np.issubdtype(array.dtype, np.floating) and np.nanmax(array) <= 1.0:
+        high = _pixel_max(images)
+        if high is not None and high <= 1.0:
             self._warned_unit_range = True
-            warnings.warn(unit_range_message(argument, float(np.nanmax(array)), self.name,
+            warnings.warn(unit_range_message(argument, float(high), self.name,
                                              self._preprocessing.mode), stacklevel=3)
 
     def fit(self, x=None, y=None, *args, **kwargs):
@@ -332,6 +375,10 @@ class FineTuner(keras.Model):
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"], custom_objects=custom_objects)
         return cls(**config)
+
+
+class _HeadModel(MultiWorkerSteps, keras.Model):
+    """The functional head model of `FineTuner.head_model` (trains across workers too)."""
 
 
 def unit_range_message(argument, peak, name, mode):
@@ -381,21 +428,27 @@ def _regularize(backbone, regularizer):
             kernel.regularizer = regularizer
 
 
-def _check_class_names(names, num_classes):
-    if names is None:
-        return None
-    names = list(names) if not isinstance(names, str) else None
-    if names is None or len(names) != num_classes or not all(
-            isinstance(n, str) and n and "\n" not in n for n in names):
-        raise ValueError(
-            f"`class_names` must be a list of {num_classes} non-empty strings without "
-            f"newlines, one per output. Received: class_names={names!r}"
-        )
-    return names
-
-
 def _serialize(obj):
     return None if obj is None else keras.saving.serialize_keras_object(obj)
+
+
+# The images the 0-1 check reads first; all are read only when these look 0-1.
+_RANGE_SAMPLE = 32
+
+
+def _pixel_max(images):
+    """The largest value of float `images` (NaN ignored), or None for other
+    dtypes and empty arrays; decided by the first `_RANGE_SAMPLE` images when
+    one of them holds a value above 1."""
+    sample = np.asarray(images[:_RANGE_SAMPLE] if np.ndim(images) else images)
+    if not sample.size or not np.issubdtype(sample.dtype, np.floating):
+        return None
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN sample
+        high = np.nanmax(sample)
+        if high > 1.0 or sample.ndim == 0 or len(sample) == len(images):
+            return high
+        return np.nanmax(np.asarray(images))
 
 
 def _is_array(x):

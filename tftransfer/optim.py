@@ -163,6 +163,8 @@ _SCHEDULES = Registry(
         "inverse_time": _with_initial(keras.optimizers.schedules.InverseTimeDecay),
         "polynomial": _with_initial(keras.optimizers.schedules.PolynomialDecay),
         "piecewise": _piecewise,
+        "warmup": lambda learning_rate, warmup_steps: WarmupSchedule(learning_rate,
+                                                                     warmup_steps),
         "warmup_cosine": _warmup_cosine,
     },
 )
@@ -190,24 +192,67 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "factor": self.factor}
 
 
+@keras.saving.register_keras_serializable(package="tftransfer")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warmup in front of a rate or schedule (stage 2's default).
+
+    The rate at step `s` (counted from 0) is
+    `learning_rate(s) * min(1, (s + 1) / warmup_steps)`: a fresh optimizer
+    on a freshly unfrozen backbone takes small steps first.
+
+    Args:
+        learning_rate: Float > 0 or a `LearningRateSchedule` (or its
+            serialized dict), the rate after the warmup.
+        warmup_steps: Integer >= 1, the steps to reach it.
+
+    Example:
+
+    >>> WarmupSchedule(1e-3, warmup_steps=4)(1)  # 1e-3 * 2 / 4
+    """
+
+    def __init__(self, learning_rate, warmup_steps):
+        if isinstance(learning_rate, dict):
+            learning_rate = keras.saving.deserialize_keras_object(learning_rate)
+        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            learning_rate = check_float(learning_rate, "learning_rate", low=0.0, low_open=True)
+        self.learning_rate = learning_rate
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=1)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        rate = self.learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(step)
+        return rate * keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        rate = self.learning_rate
+        if not isinstance(rate, float):
+            rate = keras.saving.serialize_keras_object(rate)
+        return {"learning_rate": rate, "warmup_steps": self.warmup_steps}
+
+
 def schedule_names():
     """Returns the schedule names `get_schedule` accepts."""
     return _SCHEDULES.names()
 
 
-def get_schedule(identifier, learning_rate=1e-3):
+def get_schedule(identifier, learning_rate=1e-3, *, argument="learning_rate"):
     """Returns a learning rate: a float or a Keras `LearningRateSchedule`.
 
     Args:
         identifier: A float (returned as is), a `LearningRateSchedule`
-            instance, or a `{"class_name": name, "config": {...}}` dict with
-            `name` one of `cosine`, `cosine_restarts`, `exponential`,
-            `inverse_time`, `polynomial`, `piecewise`, `warmup_cosine`. The
+            instance, a schedule name, or a `{"class_name": name, "config":
+            {...}}` dict with `name` one of `cosine`, `cosine_restarts`,
+            `exponential`, `inverse_time`, `polynomial`, `piecewise`,
+            `warmup` (linear warmup, then constant), `warmup_cosine`. The
             config holds the schedule's arguments; its `learning_rate` (else
             the `learning_rate` argument) is the starting rate, or the peak
-            rate for `warmup_cosine`. `piecewise` takes
+            rate for `warmup` and `warmup_cosine`. `piecewise` takes
             `boundaries` and `values` (or `factors` of `learning_rate`).
         learning_rate: Float, the base rate used by dict schedules.
+        argument: String, the argument named in errors. Defaults to
+            `"learning_rate"`.
 
     Returns:
         A float or a `keras.optimizers.schedules.LearningRateSchedule`.
@@ -215,26 +260,26 @@ def get_schedule(identifier, learning_rate=1e-3):
     if isinstance(identifier, keras.optimizers.schedules.LearningRateSchedule):
         return identifier
     if is_real(identifier):
-        return check_float(identifier, "learning_rate", low=0.0, low_open=True)
+        return check_float(identifier, argument, low=0.0, low_open=True)
     if isinstance(identifier, str):
         identifier = {"class_name": identifier}
     if not isinstance(identifier, dict):
         raise ValueError(
-            "`learning_rate` must be a positive float, a keras "
-            "LearningRateSchedule or a dict "
+            f"`{argument}` must be a positive float, a keras "
+            "LearningRateSchedule, a schedule name or a dict "
             '{"class_name": <schedule>, "config": {...}} with a schedule in '
-            f"{schedule_names()}. Received: learning_rate={identifier!r}"
+            f"{schedule_names()}. Received: {argument}={identifier!r}"
         )
-    name, config = check_config_dict(identifier, "learning_rate")
+    name, config = check_config_dict(identifier, argument)
     if name not in _SCHEDULES and hasattr(keras.optimizers.schedules, str(name)):
         # A Keras-serialised schedule, e.g. from `keras.saving.serialize_keras_object`.
         return keras.optimizers.schedules.deserialize(identifier)
-    make = _SCHEDULES.lookup(name)
+    make = _SCHEDULES.lookup(name, argument)
     base = config.pop("learning_rate", learning_rate)
     if not isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
-        check_float(base, "learning_rate", low=0.0, low_open=True)
-    _check_schedule_config(config)
-    return _construct(lambda **c: make(base, **c), config, "learning_rate", name)
+        check_float(base, argument, low=0.0, low_open=True)
+    _check_schedule_config(config, argument)
+    return _construct(lambda **c: make(base, **c), config, argument, name)
 
 
 # Schedule arguments: name -> (kind, low, low_open, high).
@@ -248,21 +293,21 @@ _SCHEDULE_ARGS = {
 }
 
 
-def _check_schedule_config(config):
-    """Checks a schedule dict's numbers, named as `learning_rate.config.<key>`."""
+def _check_schedule_config(config, prefix="learning_rate"):
+    """Checks a schedule dict's numbers, named as `<prefix>.config.<key>`."""
     for key, value in config.items():
         if key in _SCHEDULE_ARGS:
             kind, low, low_open, high = _SCHEDULE_ARGS[key]
-            argument = f"learning_rate.config.{key}"
+            argument = f"{prefix}.config.{key}"
             if kind == "int":
                 check_int(value, argument, minimum=low)
             else:
                 check_float(value, argument, low=low, low_open=low_open, high=high)
     for key in ("values", "factors"):
         if config.get(key) is not None:
-            _check_rates(config[key], f"learning_rate.config.{key}")
+            _check_rates(config[key], f"{prefix}.config.{key}")
     if config.get("boundaries") is not None:
-        _check_boundaries(config["boundaries"])
+        _check_boundaries(config["boundaries"], f"{prefix}.config.boundaries")
 
 
 def _check_rates(values, argument):
@@ -272,8 +317,7 @@ def _check_rates(values, argument):
         raise invalid(argument, "a non-empty list of finite floats >= 0", values)
 
 
-def _check_boundaries(boundaries):
-    argument = "learning_rate.config.boundaries"
+def _check_boundaries(boundaries, argument):
     ok = isinstance(boundaries, (list, tuple)) and all(is_real(b) for b in boundaries) and all(
         a < b for a, b in zip(boundaries, boundaries[1:]))
     if not ok:

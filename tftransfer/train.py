@@ -23,7 +23,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _backup, _checks, _feature_cache, _run_state, distribute, optim, reports
+from tftransfer import (
+    _backup,
+    _checks,
+    _feature_cache,
+    _run_state,
+    _stage2_rate,
+    distribute,
+    report_html,
+    reports,
+)
 from tftransfer._nan_guard import NaNGuard
 from tftransfer._train_data import TrainData
 from tftransfer.model import FineTuner
@@ -31,7 +40,7 @@ from tftransfer.model import FineTuner
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
-              layerwise_lr_decay=None, freeze_batchnorm=None, class_weight=None,
+              fine_tune_warmup=1.0, layerwise_lr_decay="auto", freeze_batchnorm=None, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -50,12 +59,24 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         fine_tune_epochs: Integer, epochs of stage 2 (0 skips it).
         unfreeze: Freezing policy of stage 2 (`"all"`, `"top:N"`,
             `"fraction:F"`, regexes, callable). Defaults to `"all"`.
-        fine_tune_learning_rate: Float or schedule for stage 2; defaults to
-            the stage-1 rate times `lr_factor`.
-        lr_factor: Float in (0, 1]. Defaults to `0.1`.
-        layerwise_lr_decay: Optional float in (0, 1]: the k-th trainable
-            backbone layer counted from the top learns at
+        fine_tune_learning_rate: The rate of stage 2: anything
+            `build_finetuner(learning_rate=...)` takes (a float, a schedule
+            name or `{"class_name", "config"}` dict, a Keras schedule); a
+            `cosine`, `warmup_cosine` or `polynomial` dict without
+            `decay_steps` decays over stage 2. Defaults to the stage-1 rate
+            times `lr_factor`.
+        lr_factor: Float in (0, 1], stage 2's rate as a fraction of stage
+            1's. Defaults to `0.1`.
+        fine_tune_warmup: Float >= 0, epochs over which a float stage-2
+            rate ramps up linearly from nearly 0 (`optim.WarmupSchedule`; 0
+            turns it off; a schedule passed as `fine_tune_learning_rate` is
+            used as it is). Defaults to `1.0`.
+        layerwise_lr_decay: `"auto"`, a float in (0, 1] or None: the k-th
+            trainable backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
+            `"auto"` (the default) picks the decay that spreads the rates
+            over 30x, head to bottom layer, whatever the depth; None trains
+            the whole backbone at `rate`.
         freeze_batchnorm: Keep BatchNormalization in inference mode in
             stage 2. Defaults to None: the recipe's (`build_finetuner`'s).
         class_weight: Optional dict `{class: weight}`.
@@ -107,12 +128,20 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             marked failed (the same call retries it).
     """
     model = _check_model(model)
-    _checks.fine_tune_arguments(**locals())
+    _checks.fine_tune_arguments(
+        model=model, head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, unfreeze=unfreeze,
+        fine_tune_learning_rate=fine_tune_learning_rate, lr_factor=lr_factor,
+        layerwise_lr_decay=layerwise_lr_decay, freeze_batchnorm=freeze_batchnorm,
+        batch_size=batch_size, shuffle=shuffle, early_stopping=early_stopping,
+        overwrite=overwrite, initial_epoch=initial_epoch, keep_best_stage=keep_best_stage)
+    _stage2_rate.check_rate(fine_tune_learning_rate)
+    _stage2_rate.check_warmup(fine_tune_warmup)
     _checks.fine_tune_data(model, train, validation, class_weight)
     settings = _Settings(
         head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, unfreeze=unfreeze,
         fine_tune_learning_rate=fine_tune_learning_rate, lr_factor=lr_factor,
-        layerwise_lr_decay=layerwise_lr_decay, freeze_batchnorm=freeze_batchnorm,
+        fine_tune_warmup=fine_tune_warmup, layerwise_lr_decay=layerwise_lr_decay,
+        freeze_batchnorm=freeze_batchnorm,
         batch_size=batch_size, class_weight=class_weight, keep_best_stage=keep_best_stage,
         initial_epoch=initial_epoch, cache_features=cache_features,
         feature_cache_dir=feature_cache_dir, early_stopping=early_stopping,
@@ -131,6 +160,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             if output_dir:
                 reports.write_training_plots(model, history, data.validation, output_dir,
                                              data.class_names)
+                report_html.write_run_report(output_dir, model, history, data.validation,
+                                             data.class_names)
     return history
 
 
@@ -143,6 +174,7 @@ class _Settings:
     unfreeze: object
     fine_tune_learning_rate: object
     lr_factor: float
+    fine_tune_warmup: float
     layerwise_lr_decay: object
     freeze_batchnorm: bool
     batch_size: int
@@ -159,8 +191,10 @@ class _Settings:
         """The settings a resumed run must share with the run it resumes."""
         return {
             "head_epochs": self.head_epochs, "fine_tune_epochs": self.fine_tune_epochs,
-            "unfreeze": self.unfreeze, "fine_tune_learning_rate": self.fine_tune_learning_rate,
-            "lr_factor": self.lr_factor, "layerwise_lr_decay": self.layerwise_lr_decay,
+            "unfreeze": self.unfreeze, "fine_tune_learning_rate": _plain(
+                self.fine_tune_learning_rate), "lr_factor": self.lr_factor,
+            "fine_tune_warmup": self.fine_tune_warmup,
+            "layerwise_lr_decay": self.layerwise_lr_decay,
             "batch_size": self.batch_size, "class_weight": self.class_weight,
             "keep_best_stage": self.keep_best_stage, **_model_key(model),
         }
@@ -209,7 +243,7 @@ def _stage1(model, data, base_lr, state, settings):
     if not use_cache:
         return _fit(model, data.train, data.validation, data.class_weight, (start, end),
                     state, "stage1", settings).history
-    head = distribute.prepare_model(model.head_model(base_lr))
+    head = model.head_model(base_lr)
     train, val = _feature_cache.head_datasets(model, data, settings.cache_features,
                                               settings.feature_cache_dir, state,
                                               settings.verbose)
@@ -221,9 +255,9 @@ def _stage2(model, data, base_lr, start, state, settings):
     """The fine-tuning epochs from `start`, at the lower rate; {} when there are none."""
     if not settings.fine_tune_epochs:
         return {}
-    lr = settings.fine_tune_learning_rate
-    if lr is None:
-        lr = _scaled(base_lr, settings.lr_factor)
+    lr = _stage2_rate.stage2_rate(model, settings.fine_tune_learning_rate, settings.lr_factor,
+                                  settings.fine_tune_warmup, _feature_cache.batches(data.train),
+                                  settings.fine_tune_epochs)
     model.freeze(settings.unfreeze, freeze_batchnorm=settings.freeze_batchnorm)
     model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay)
     done = max(0, settings.initial_epoch - settings.head_epochs)  # stage-2 epochs run before
@@ -232,11 +266,9 @@ def _stage2(model, data, base_lr, start, state, settings):
                 "stage2", settings).history
 
 
-def _scaled(rate, factor):
-    """`rate * factor` for a float, or a schedule scaled by `factor`."""
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return optim.ScaledSchedule(rate, factor)
-    return rate * factor
+def _plain(rate):
+    """A Keras schedule by its config (its repr changes from run to run)."""
+    return keras.saving.serialize_keras_object(rate) if hasattr(rate, "get_config") else rate
 
 
 def _keep_better_stage(model, first, second, stage1_weights, has_validation):

@@ -13,7 +13,6 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-TASKS = ("classification", "multi_label", "regression")
 EXTRA_FORMATS = ("keras", "tflite")
 DEFAULT_SIGNATURE = "serving_default"  # images: float32 [batch, H, W, C] in 0-255
 BYTES_SIGNATURE = "serving_bytes"  # image_bytes: string [batch], encoded images

@@ -35,7 +35,8 @@ import numpy as np
 import tensorflow as tf
 
 import tftransfer
-from tftransfer import _images
+from tftransfer import _images, tasks
+from tftransfer._checks import invalid
 from tftransfer.export._contract import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
@@ -46,7 +47,6 @@ from tftransfer.export._contract import (
     LABELS_FILE,
     METADATA_FILE,
     PRIMARY_OUTPUTS,
-    TASKS,
     TFLITE_TOLERANCE,
     WARMUP_FILE,
     encode_png,
@@ -69,10 +69,6 @@ class _Spec:
     @property
     def num_outputs(self):
         return self.output_shape[-1] if self.output_shape else 1
-
-
-def _bad_arg(name, expected, value):
-    return ValueError(f"Argument `{name}` {expected}. Received: {name}={value!r}")
 
 
 def export_for_serving(model, base_dir, *, version=None, class_names=None,
@@ -112,7 +108,7 @@ def export_for_serving(model, base_dir, *, version=None, class_names=None,
     spec = _make_spec(model, class_names, task, top_k)
     formats = _check_extra_formats(extra_formats)
     if metadata is not None and not isinstance(metadata, dict):
-        raise _bad_arg("metadata", "must be a dict or None", metadata)
+        raise invalid("metadata", "a dict or None", metadata)
     base = pathlib.Path(base_dir)
     version = _resolve_version(base, version)
     base.mkdir(parents=True, exist_ok=True)
@@ -146,17 +142,13 @@ def model_info(model):
 def _make_spec(model, class_names, task, top_k):
     """Checks the model and arguments; returns the `_Spec`."""
     input_shape, output_shape = _model_shapes(model)
-    info = model_info(model)
-    task = task or info.get("task") or _infer_task(model)
-    if task not in TASKS:
-        expected = f"must be one of {TASKS} (or None to infer it)"
-        raise _bad_arg("task", expected, task)
+    task = tasks.task_of(model) if task is None else tasks.check_task(task)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise _bad_arg("top_k", "must be a positive integer", top_k)
+        raise invalid("top_k", "an integer >= 1", top_k)
     if task != "regression" and len(output_shape) != 1:
         raise ValueError(f"A {task} model must output [batch, n]; this "
                          f"model outputs {(None,) + output_shape}.")
-    names = class_names if class_names is not None else info.get("class_names")
+    names = class_names if class_names is not None else tasks.class_names_of(model)
     spec = _Spec(task, input_shape, output_shape, (), top_k)
     names = _check_class_names(names, spec)
     return dataclasses.replace(spec, class_names=names)
@@ -175,37 +167,18 @@ def _model_shapes(model):
     return shape[1:], tuple(outputs[0].shape[1:])
 
 
-def _infer_task(model):
-    """softmax -> classification, sigmoid -> multi_label, else regression."""
-    last = model.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return "classification"
-    name = getattr(getattr(last, "activation", None), "__name__", "")
-    return {"softmax": "classification", "sigmoid": "multi_label"}.get(
-        name, "regression")
-
-
 def _check_class_names(names, spec):
     """Returns the class names as a tuple (default "0".."n-1")."""
-    n = spec.num_outputs
-    if names is None:
-        return tuple(str(i) for i in range(n))
-    names = tuple(names) if not isinstance(names, str) else None
-    ok = names is not None and all(
-        isinstance(x, str) and x and "\n" not in x for x in names)
-    if not ok or len(names) != n:
-        expected = (f"must be {n} non-empty strings without newlines, one per "
-                    f"output of this {spec.task} model")
-        raise _bad_arg("class_names", expected, names)
-    return names
+    count = spec.num_outputs
+    return tuple(tasks.check_class_names(names, count) or tasks.default_class_names(count))
 
 
 def _check_extra_formats(extra_formats):
     formats = (extra_formats,) if isinstance(extra_formats, str) else extra_formats
     formats = tuple(formats or ())
     if any(f not in EXTRA_FORMATS for f in formats):
-        raise _bad_arg("extra_formats",
-                       f"may only contain {EXTRA_FORMATS}", extra_formats)
+        raise invalid("extra_formats", f"a list of formats among {', '.join(EXTRA_FORMATS)}",
+                      extra_formats)
     return formats
 
 
@@ -213,8 +186,7 @@ def _resolve_version(base, version):
     if version is None:
         return max(existing_versions(base), default=0) + 1
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        expected = "must be a positive integer (1, 2, ...) or None for the next one"
-        raise _bad_arg("version", expected, version)
+        raise invalid("version", "an integer >= 1, or None for the next one", version)
     return version
 
 

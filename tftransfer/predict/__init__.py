@@ -25,16 +25,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _folders, _images, _pipeline
+from tftransfer import _folders, _images, _pipeline, tasks
+from tftransfer import tta as tta_views
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner, unit_range_message
 from tftransfer.predict import _tflite
 
-_TASKS = _contract.TASKS
 
-
-def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
+def predict(model, images, *, top_k=1, batch_size=32, verbose="auto", tta=False):
     """Predicts labels and scores for images.
 
     Args:
@@ -53,6 +52,9 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
             Defaults to `1`.
         batch_size: Integer >= 1. Defaults to `32`.
         verbose: `"auto"` (a progress bar for more than one batch), 0 or 1.
+        tta: Test-time augmentation (`tftransfer.tta`): True averages the
+            scores of each image, its horizontal flip and four corner crops;
+            a list such as `["crops"]` picks views. Defaults to `False`.
 
     Returns:
         A `Predictions` list with one dict per readable image, in order,
@@ -70,6 +72,7 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
     """
     top_k = _check_positive_int("top_k", top_k)
     batch_size = _check_positive_int("batch_size", batch_size)
+    views = tta_views.resolve(tta)
     predictor = _Predictor.of(model)
     source = _inputs(images, predictor, batch_size)
     count = len(source.names)
@@ -77,7 +80,7 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto"):
                                                                      batch_size) else None
     results = Predictions()
     for batch, rows in source.batches:
-        scores = predictor(batch)
+        scores = tta_views.averaged(predictor, batch, views) if views else predictor(batch)
         for row, index in zip(scores, rows):
             results.append(_result(row, predictor, top_k))
             if source.paths is not None:
@@ -149,8 +152,8 @@ class _Predictor:
     @classmethod
     def _keras(cls, model):
         n = int(model.output_shape[-1])
-        names = getattr(model, "class_names", None) or [str(i) for i in range(n)]
-        task = getattr(model, "task", None) or _infer_task(model)
+        names = tasks.class_names_of(model) or tasks.default_class_names(n)
+        task = tasks.task_of(model)
         mode = model.preprocessing.mode if isinstance(model, FineTuner) else None
         return cls(lambda x: model(x, training=False), model.input_shape[1:], names, task,
                    _range_warning(model.name, mode))
@@ -235,11 +238,6 @@ def _range_warning(name, mode):
                           stacklevel=4)
 
     return warn
-
-
-def _infer_task(model):
-    activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
-    return {"softmax": "classification", "sigmoid": "multi_label"}.get(activation, "regression")
 
 
 def _read_json(path):

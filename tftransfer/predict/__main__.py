@@ -22,6 +22,8 @@ def _parser():
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the scores over flips and corner crops (test-time augmentation)")
     p.add_argument("--csv", metavar="FILE", help="also write the results to this CSV file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     return p
@@ -62,7 +64,7 @@ def main(argv=None):
         with warnings.catch_warnings():  # the skipped files are reported below
             warnings.simplefilter("ignore")
             results = predict(args.model, args.images, top_k=args.top_k,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, tta=args.tta)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

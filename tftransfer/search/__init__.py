@@ -8,9 +8,13 @@
         [--workers N] [--verbose]
 
 Each trial builds a model with `build_finetuner` and runs the two-stage
-`fine_tune`; KerasTuner keeps the best epoch's `val_accuracy`. One line is
-printed per trial, then the ranked table. The search directory holds
-`config.yaml`, the trials, `report.md`, `trials.png`,
+`fine_tune`; KerasTuner keeps the best epoch's objective (`val_accuracy`
+by default). One line is printed per trial, then the ranked table. The
+search directory holds `config.yaml`, the trials, `trials.csv` (one row per
+trial, rewritten as each ends), `tensorboard/` (each trial's scalars and
+the HParams dashboard: `tensorboard --logdir <directory>/tensorboard`),
+`report.md`, `report.html` (a sortable trial table and each hyperparameter
+against the objective), `trials.png`,
 `best_hyperparameters.yaml` (`build_finetuner:` and `fine_tune:` sections,
 usable as `**kwargs`), `features/` (the frozen backbone's features, computed
 by the first trial and read by the others) and `export/<version>/` (TF
@@ -37,10 +41,15 @@ Config (YAML; every key optional except `search_space.backbone`):
                    regularizer_kind (none|l1|l2|l1_l2), regularizer_strength (1e-4),
                    dropout (0), hidden_units ([] ; choices are lists),
                    label_smoothing (0), batch_size (32, per replica),
-                   head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay (null),
-                   lr_factor (0.1)
+                   head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay
+                   (auto: 30x over the backbone | 0-1 | null), lr_factor (0.1),
+                   fine_tune_warmup (1.0 epoch)
     tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
-                   objective: val_accuracy|val_loss  executions_per_trial: 1
+                   objective: val_accuracy | {name: val_auc, direction: max}
+                   (val_/train loss, accuracy, auc, macro_f1,
+                   precision_at_recall (at recall 0.8); the metric is compiled
+                   into each model; direction min for losses, else max)
+                   executions_per_trial: 1
                    seed: 0  max_consecutive_failed_trials: 3
                    max_epochs: 10  factor: 3  (hyperband: total epoch budget)
     run:           directory: searches/search   export_dir: <directory>/export
@@ -53,6 +62,10 @@ Config (YAML; every key optional except `search_space.backbone`):
                    a new one goes on; false runs trials in this process)
                    dtype_policy: float32|mixed_float16|mixed_bfloat16
                    jit_compile: auto|true|false   (build_finetuner's)
+                   max_time: null | seconds (no trial starts once this run
+                   has lasted that long; running ones finish, the best is
+                   exported)   stop_after: null | N (stop after N trials in
+                   a row without a better objective)
                    multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG;
                    run the same command on every worker. Each trial trains
                    on all workers in sync (trials run in-process, the same

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from tftransfer.search import _quiet, runner
+from tftransfer.search import _quiet, control, runner
 
 _PR_SET_PDEATHSIG = 1
 
@@ -93,7 +93,9 @@ class _CommandLoop:
         runner.search(self.tuner, print)
         # A stopped oracle: this worker's share is done (the chief closes our
         # stdin, which ends us); else the search is.
-        self.send("recycle" if self.tuner.oracle.stopped else "done")
+        ended = any(isinstance(hook, control.SearchControl) and hook.stopped
+                    for hook in self.tuner.hooks)  # run.max_time or run.stop_after: all done
+        self.send("recycle" if self.tuner.oracle.stopped and not ended else "done")
 
     def finish(self):
         self._ensure_tuner()

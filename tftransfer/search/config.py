@@ -18,19 +18,19 @@ import warnings
 
 import yaml
 
-# The names `tftransfer.optim.get_optimizer` accepts, listed here so that a
-# config is checked without importing Keras (tests compare both lists).
-OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
-              "lion", "nadam", "rmsprop", "sgd")
+from tftransfer import _names
+
+# The names `tftransfer.optim` and `build_finetuner` accept, from the module that
+# holds them without Keras, so that a config is checked quickly.
+OPTIMIZERS = tuple(_names.OPTIMIZERS)
+DTYPE_POLICIES = _names.DTYPE_POLICIES
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-OBJECTIVES = ("val_accuracy", "val_loss")
 STRATEGIES = ("none", "auto", "mirrored", "multi_worker", "one_device")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 REGULARIZERS = ("none", "l1", "l2", "l1_l2")
 SAMPLINGS = ("linear", "log")
 RANGE_KEYS = ("min", "max", "sampling", "step")
 INT_RANGE_KEYS = ("int_min", "int_max", "step")
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class ConfigError(ValueError):
@@ -77,18 +77,17 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
 
 
 def _string_number_hint(v):
-    """For `1e-3`, which YAML 1.1 reads as a string: how to write the number."""
-    if not isinstance(v, str):
+    """For `1e-3`, which YAML 1.1 reads as a string (no dot before the `e`):
+    how to write the number."""
+    if not isinstance(v, str) or "e" not in v.lower():
         return ""
     try:
         number = float(v)
     except ValueError:
         return ""
     mantissa, _, exponent = v.lower().partition("e")
-    spelled = f"{float(mantissa)}e{exponent}" if exponent else repr(number)
-    return (f" (YAML reads {v!r} as a string, not a number: write {spelled} or "
-            f"{number!r})" if exponent else f" (YAML reads {v!r} as a string: write {v} "
-            "without quotes)")
+    return (f" (YAML reads {v!r} as a string, not a number: write "
+            f"{float(mantissa)}e{exponent} or {number!r})")
 
 
 def _one_of(names):
@@ -137,7 +136,11 @@ def _jit_compile(path, v):
 
 
 def _decay(path, v):
-    return None if v is None else _num(0, 1, lo_open=True)(path, v)
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, str):
+        raise ConfigError(path, "a number > 0 and <= 1, 'auto' or null", v)
+    return _num(0, 1, lo_open=True)(path, v)
 
 
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
@@ -155,11 +158,22 @@ KNOBS = {
     "batch_size": (_num(1, integer=True), 32, "fci"),
     "head_epochs": (_num(0, integer=True), 5, "fci"),
     "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
-    "layerwise_lr_decay": (_decay, None, "fcr"),
+    "layerwise_lr_decay": (_decay, "auto", "fcr"),
     "lr_factor": (_num(0, 1, lo_open=True), 0.1, "fcr"),
+    "fine_tune_warmup": (_num(0), 1.0, "fcr"),
 }
 
 # ------------------------------------------------------------------ sections
+
+
+def _objective(path, v):
+    """A metric name or {name, direction} -> {"name", "direction"} (`search.control`)."""
+    from tftransfer.search import control
+
+    try:
+        return control.parse_objective(v)
+    except ValueError as e:
+        raise ConfigError(path, str(e), v) from None
 
 
 def _no_unknown(path, raw, allowed):
@@ -203,6 +217,22 @@ def _image_size(path, v):
     return list(v)
 
 
+# The names of tftransfer.export.formats.FORMATS (not imported: config checks run before
+# TensorFlow loads; tests/test_tflite.py checks the two lists are equal).
+EXPORT_FORMATS = ("serving", "tflite", "tflite-none", "tflite-dynamic", "tflite-float16",
+                  "tflite-int8", "onnx")
+
+
+def _export_formats(path, v):
+    if isinstance(v, str):
+        v = [v]
+    if not (isinstance(v, list) and v and all(f in EXPORT_FORMATS for f in v)
+            and len(set(v)) == len(v)):
+        raise ConfigError(path, f"a non-empty list of distinct names from {list(EXPORT_FORMATS)}",
+                          v)
+    return list(v)
+
+
 def _classes(path, v):
     if not (isinstance(v, list) and len(v) >= 2 and all(_is_int(c) and 0 <= c <= 9 for c in v)
             and len(set(v)) == len(v)):
@@ -224,7 +254,7 @@ DATA = {
 TUNER = {
     "kind": (_one_of(TUNERS), "random"),
     "max_trials": (_num(1, integer=True), 10),
-    "objective": (_one_of(OBJECTIVES), "val_accuracy"),
+    "objective": (_objective, "val_accuracy"),
     "executions_per_trial": (_num(1, integer=True), 1),
     "seed": (_num(integer=True), 0),
     "max_consecutive_failed_trials": (_num(1, integer=True), 3),
@@ -235,12 +265,15 @@ TUNER = {
 RUN = {
     "directory": (_string, "searches/search"),
     "export_dir": (_optional(_string), None),
+    "export_formats": (_export_formats, ["serving"]),
     "strategy": (_one_of(STRATEGIES), "none"),
     "isolate_trials": (_one_of((False, True)), True),
     "worker_max_trials": (_num(1, integer=True), 10),
     "worker_max_rss_growth_mb": (_optional(_num(0, lo_open=True)), 1024.0),
     "dtype_policy": (_one_of(DTYPE_POLICIES), "float32"),
     "jit_compile": (_jit_compile, "auto"),
+    "max_time": (_optional(_num(0, lo_open=True)), None),
+    "stop_after": (_optional(_num(1, integer=True)), None),
 }
 
 

@@ -18,10 +18,12 @@ import keras_tuner as kt
 from keras_tuner.src.engine.tuner_utils import SaveBestEpoch  # private: see _WholeModel
 
 from tftransfer.finetuner import build_finetuner
+from tftransfer.search import control
 from tftransfer.train import fine_tune
 
 BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing")
-FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay")
+FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
+             "fine_tune_warmup")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
 
@@ -50,6 +52,9 @@ def sample(hp, name, spec):
     if "choice" in spec:
         if name == "hidden_units":
             return _decode_units(hp.Choice(name, [_encode_units(u) for u in spec["choice"]]))
+        if len({type(v) for v in spec["choice"]}) > 1:  # e.g. layerwise_lr_decay: auto or 0.5
+            value = hp.Choice(name, [str(v) for v in spec["choice"]])
+            return next(v for v in spec["choice"] if str(v) == value)
         return hp.Choice(name, spec["choice"])
     if "int_min" in spec:
         value = hp.Int(name, spec["int_min"], spec["int_max"], step=spec["step"])
@@ -83,10 +88,17 @@ class FineTuneHyperModel(kt.HyperModel):
             `"mixed_float16"` or `"mixed_bfloat16"`). Defaults to `"float32"`.
         jit_compile: `build_finetuner`'s `jit_compile` (True, False or
             `"auto"`). Defaults to `"auto"`.
+        objective: Optional `{"name", "direction"}` (`search.control`): a
+            metric it needs (AUC, macro F1 ...) is compiled into each model.
+
+    Attributes:
+        tensorboard_dir: Where the next trial logs its TensorBoard scalars,
+            or None (set per trial by `search.control.SearchControl`).
     """
 
     def __init__(self, space, data, strategy=None, strategy_name="none",
-                 feature_cache_dir=None, seed=None, dtype_policy="float32", jit_compile="auto"):
+                 feature_cache_dir=None, seed=None, dtype_policy="float32", jit_compile="auto",
+                 objective=None):
         super().__init__(name="tftransfer_finetune")
         self.precision = {}  # passed on when not `build_finetuner`'s defaults
         if dtype_policy != "float32":
@@ -100,6 +112,7 @@ class FineTuneHyperModel(kt.HyperModel):
         self._builds = collections.Counter()
         self.declare_only = False
         self.last_fit = {}
+        self.objective, self.tensorboard_dir = objective, None
 
     @property
     def replicas(self):
@@ -153,6 +166,8 @@ class FineTuneHyperModel(kt.HyperModel):
         if self.seed is not None:
             keras.utils.set_random_seed(self._trial_seed(hp))
         build["strategy"] = self.strategy
+        if self.objective is not None:
+            build["metrics"] = control.metrics_for(self.objective)
         return build_finetuner(**build)
 
     def _trial_seed(self, hp):
@@ -203,6 +218,8 @@ class FineTuneHyperModel(kt.HyperModel):
         settings["feature_cache_dir"] = self.feature_cache_dir
         callbacks = [_WholeModel(c, model) if isinstance(c, SaveBestEpoch) else c
                      for c in callbacks or []]
+        if self.tensorboard_dir:
+            callbacks.append(keras.callbacks.TensorBoard(self.tensorboard_dir, write_graph=False))
         try:  # fine_tune enters the model's strategy
             history = fine_tune(model, train, validation, callbacks=callbacks, verbose=verbose,
                                 keep_best_stage=False,  # KerasTuner keeps the best epoch itself

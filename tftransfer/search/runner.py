@@ -25,7 +25,7 @@ import warnings
 import yaml
 
 from tftransfer._lock import LOCK_FILE, atomic_write_json, atomic_write_text
-from tftransfer.search import _guard, _quiet, report
+from tftransfer.search import _guard, _quiet, control, report
 from tftransfer.search import config as config_lib
 from tftransfer.search._pool import WorkerError  # noqa: F401  (raised by run)
 
@@ -39,7 +39,8 @@ WORKERS_DIR = "workers"  # the other workers' searches, under multi_worker
 # Keys that may change between runs of one search: raising max_trials extends it.
 _RESUMABLE = (("tuner", "max_trials"), ("run", "directory"), ("run", "export_dir"),
               ("run", "isolate_trials"), ("run", "worker_max_trials"),
-              ("run", "worker_max_rss_growth_mb"))
+              ("run", "worker_max_rss_growth_mb"), ("run", "export_formats"),
+              ("run", "max_time"), ("run", "stop_after"))
 CLUSTER_ROLE = "KERASTUNER_TUNER_ID"  # set by `--workers` in the chief and workers it launches
 
 
@@ -305,10 +306,24 @@ def build_tuner(cfg, data, out, strategy=None, hooks=()):
     hypermodel = FineTuneHyperModel(cfg["search_space"], data, strategy,
                                     cfg["run"]["strategy"], seed=cfg["tuner"]["seed"],
                                     dtype_policy=cfg["run"]["dtype_policy"],
-                                    jit_compile=cfg["run"]["jit_compile"])
+                                    jit_compile=cfg["run"]["jit_compile"],
+                                    objective=cfg["tuner"]["objective"])
+    hooks = [*trial_hooks(cfg), *hooks]
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner's "Reloading Tuner from"
         tuner = make_tuner(cfg, hypermodel, cfg["run"]["directory"], out, hooks)
     return hypermodel, tuner
+
+
+def trial_hooks(cfg):
+    """The per-trial hooks of a search with `cfg`, in whatever mode and process it runs.
+
+    Each is an object with optional `on_trial_begin(tuner, trial)` and
+    `on_trial_end(tuner, trial)` (`tftransfer.search.tuners.SearchTuner`); a
+    hook may end the search with `tuner.oracle.stop()`. The trial line and
+    `seconds_per_trial.json` are the tuner's own; `control.SearchControl` logs
+    TensorBoard, HParams and trials.csv and enforces `run.max_time` / `run.stop_after`.
+    """
+    return [control.SearchControl.of(cfg)]
 
 
 def _for_this_worker(cfg, verbose):
@@ -356,6 +371,7 @@ def prepare_directory(cfg, overwrite=False):
     _guard.remove_leftovers(directory)
     atomic_write_text(os.path.join(directory, CONFIG_FILE), config_lib.dump(cfg))
     _guard.write_fingerprint(directory, cfg["data"])
+    control.start_clock(directory)  # run.max_time counts from here
 
 
 @contextlib.contextmanager
@@ -386,13 +402,18 @@ def finish(cfg, tuner, hypermodel, data, out):
     from tftransfer import distribute
 
     directory = cfg["run"]["directory"]
-    objective = cfg["tuner"]["objective"]
+    objective = cfg["tuner"]["objective"]["name"]
     direction = tuner.oracle.objective.direction
     rows = _rows(tuner)
     ranked = report.ranked(rows, direction)
     best = ranked[0] if ranked and ranked[0]["score"] is not None else None
     report.write_markdown(os.path.join(directory, "report.md"), rows, objective, direction, best)
     report.write_plot(os.path.join(directory, "trials.png"), rows, objective, direction)
+    from tftransfer import report_html
+
+    report_html.write_search_report(os.path.join(directory, "report.html"), rows, objective,
+                                    direction, best)
+    control.write_trials_csv(directory, rows)
     out(report.table(rows, objective, direction))
     result = {"directory": directory, "rows": rows, "best": best, "export": None,
               "tuner": tuner}
@@ -404,7 +425,8 @@ def finish(cfg, tuner, hypermodel, data, out):
     export_dir = cfg["run"]["export_dir"] or os.path.join(directory, "export")
     if distribute.in_multi_worker_mode(hypermodel.strategy):
         hypermodel.strategy = None  # only the chief exports: no collectives there
-    result["export"] = export_best(tuner, trial, data, export_dir, directory, out)
+    result["export"] = export_best(tuner, trial, data, export_dir, directory, out,
+                                   formats=cfg["run"].get("export_formats", ["serving"]))
     return result
 
 
@@ -416,9 +438,10 @@ def write_best(path, hypermodel, trial, objective):
                                             "fine_tune": fit}, sort_keys=False))
 
 
-def export_best(tuner, trial, data, export_dir, directory, out):
-    """Exports the best trial's model for TF Serving (once per best trial)."""
-    from tftransfer.export import export_for_serving
+def export_best(tuner, trial, data, export_dir, directory, out, formats=("serving",)):
+    """Exports the best trial's model in `formats` (once per best trial): TF Serving,
+    and the verified .tflite / .onnx forms of `tftransfer.export.formats`."""
+    from tftransfer.export.formats import export_formats
 
     state_path = os.path.join(directory, EXPORT_STATE)
     if os.path.exists(state_path):
@@ -431,8 +454,10 @@ def export_best(tuner, trial, data, export_dir, directory, out):
             return state["path"]
     with _checkpoint_warnings_ignored():
         model = tuner.load_model(trial)
-    path = export_for_serving(model, export_dir, class_names=data.class_names,
-                              metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
+    paths = export_formats(model, export_dir, formats, representative_data=data,
+                           validation_data=data, class_names=data.class_names, overwrite=True,
+                           metadata={"trial_id": trial.trial_id, "score": float(trial.score)})
+    path = paths.get("serving") or next(iter(paths.values()))
     atomic_write_json(state_path, {"trial_id": trial.trial_id, "path": path})
     out(f"Best trial {trial.trial_id} ({trial.score:.4f}) exported to {path}")
     return path

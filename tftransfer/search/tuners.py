@@ -86,7 +86,7 @@ def kerastuner_seed(seed):
 
 def make_oracle(tuner_cfg):
     """The oracle of a validated `tuner` config section."""
-    kwargs = dict(objective=kt.Objective(tuner_cfg["objective"], _direction(tuner_cfg)),
+    kwargs = dict(objective=kt.Objective(**tuner_cfg["objective"]),
                   seed=kerastuner_seed(tuner_cfg["seed"]),
                   max_consecutive_failed_trials=tuner_cfg["max_consecutive_failed_trials"])
     if tuner_cfg["kind"] == "hyperband":
@@ -94,10 +94,6 @@ def make_oracle(tuner_cfg):
     else:
         kwargs["max_trials"] = tuner_cfg["max_trials"]
     return _ORACLES[tuner_cfg["kind"]](**kwargs)
-
-
-def _direction(tuner_cfg):
-    return "min" if tuner_cfg["objective"] == "val_loss" else "max"
 
 
 # -------------------------------------------------------------------- tuners

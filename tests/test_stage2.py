@@ -1,0 +1,150 @@
+"""Stage 2 of fine_tune: the default recipe does not collapse; its rate takes any schedule."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import ROOT, SAVED
+
+from tftransfer import build_finetuner, fine_tune, optim
+from tftransfer.datasets import few_shot_split
+
+DIGITS = str(SAVED / "digits_cnn.keras")
+
+
+@pytest.fixture(scope="module")
+def few_shot(digits_target):
+    x, y = digits_target
+    x_few, y_few, x_rest, y_rest = few_shot_split(x, y, per_class=10, seed=0)
+    x_val, y_val, _, _ = few_shot_split(x_rest, y_rest, per_class=30, seed=1)
+    return (x_few, y_few), (x_val, y_val)
+
+
+def _first_stage2_epoch(few_shot, **settings):
+    """Validation accuracy at stage 1's end and after stage 2's first epoch."""
+    keras.utils.set_random_seed(0)
+    model = build_finetuner(DIGITS, num_classes=5, dropout=0.2, learning_rate=1e-2)
+    history = fine_tune(model, *few_shot, head_epochs=20, fine_tune_epochs=1, batch_size=10,
+                        early_stopping=None, keep_best_stage=False, verbose=0, **settings)
+    first, _ = history.stages["fine_tune"]
+    val = history.history["val_accuracy"]
+    return val[first - 1], val[first]
+
+
+def test_default_stage2_does_not_collapse(few_shot):
+    # The quickstart's settings; before issue 25 the first unfrozen epoch fell from 0.78 to 0.27.
+    stage1_end, after = _first_stage2_epoch(few_shot)
+    assert after >= stage1_end - 0.05, (stage1_end, after)
+    old_end, old_after = _first_stage2_epoch(few_shot, lr_factor=0.1, fine_tune_warmup=0,
+                                             layerwise_lr_decay=None)
+    assert old_end == stage1_end and old_after < stage1_end - 0.2, (old_end, old_after)
+
+
+SCHEDULES = [
+    ({"class_name": "cosine", "config": {"learning_rate": 1e-4}}, "CosineDecay"),
+    ("cosine", "CosineDecay"),
+    (keras.optimizers.schedules.ExponentialDecay(1e-4, 10, 0.5), "ExponentialDecay"),
+    ({"class_name": "warmup", "config": {"warmup_steps": 3}}, "WarmupSchedule"),
+]
+
+
+@pytest.mark.parametrize("rate,kind", SCHEDULES)
+def test_fine_tune_learning_rate_takes_schedules(rate, kind, small_batch):
+    model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+    fine_tune(model, small_batch, head_epochs=0, fine_tune_epochs=1, batch_size=8, verbose=0,
+              fine_tune_learning_rate=rate)
+    schedule = model.optimizer.get_config()["learning_rate"]  # the stage-2 optimizer's
+    assert schedule["class_name"] == kind
+    if kind == "CosineDecay":  # decays over stage 2: 1 epoch of 4 batches
+        assert schedule["config"]["decay_steps"] == 4
+        assert schedule["config"]["initial_learning_rate"] == pytest.approx(
+            1e-4 if isinstance(rate, dict) else 1e-3)
+
+
+BAD = [
+    ("cosinee", "Unknown learning-rate schedule for `fine_tune_learning_rate`. Did you mean "
+                "'cosine'"),
+    ([1e-3], r"`fine_tune_learning_rate` must be a positive float, a keras "
+             r"LearningRateSchedule.*Received: fine_tune_learning_rate=\[0.001\]"),
+    ({"class_name": "cosine", "config": {"decay_steps": 0}},
+     "`fine_tune_learning_rate.config.decay_steps` must be .*Received: "
+     "fine_tune_learning_rate.config.decay_steps=0"),
+    (-1.0, "Received: fine_tune_learning_rate=-1.0"),
+]
+
+
+@pytest.mark.parametrize("rate,message", BAD)
+def test_fine_tune_learning_rate_refuses_garbage(rate, message, small_batch):
+    model = build_finetuner(DIGITS, num_classes=5)
+    with pytest.raises(ValueError, match=message):
+        fine_tune(model, small_batch, fine_tune_learning_rate=rate, verbose=0)
+    with pytest.raises(ValueError, match="Received: fine_tune_warmup=-1"):
+        fine_tune(model, small_batch, fine_tune_warmup=-1, verbose=0)
+
+
+def test_warmup_schedule_values_and_json_round_trip():
+    inner = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=8)
+    for rate in (1e-3, inner):
+        schedule = optim.WarmupSchedule(rate, warmup_steps=4)
+        config = json.loads(json.dumps(keras.saving.serialize_keras_object(schedule)))
+        again = keras.saving.deserialize_keras_object(config)
+        steps = np.arange(10)
+        expected = [float(schedule(s)) for s in steps]
+        assert [float(again(s)) for s in steps] == pytest.approx(expected)
+        full = [float(rate(s)) if callable(rate) else rate for s in steps]
+        assert expected == pytest.approx([f * min(1, (s + 1) / 4) for s, f in zip(steps, full)])
+
+
+_RELOAD = """
+import json, sys
+import keras, numpy as np
+import tftransfer  # noqa: F401  (registers WarmupSchedule and the layer-wise optimizers)
+model = keras.models.load_model(sys.argv[1])
+data = np.load(sys.argv[2])
+model.train_on_batch(data["x"], data["y"])
+print(json.dumps(model.optimizer.get_config()["learning_rate"]["class_name"]))
+"""
+
+
+def test_model_after_default_stage2_reloads_and_trains_in_a_new_process(small_batch, tmp_path):
+    model = build_finetuner(DIGITS, num_classes=5, learning_rate=1e-2)
+    fine_tune(model, small_batch, head_epochs=0, fine_tune_epochs=1, batch_size=8, verbose=0)
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=small_batch[0][:8], y=small_batch[1][:8])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "m.keras"),
+                           str(tmp_path / "d.npz")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == "WarmupSchedule"
+
+
+def test_auto_layerwise_rates_span_the_backbone_depth():
+    model = build_finetuner(DIGITS, num_classes=5)
+    model.freeze("all")
+    third = 30 ** (-1 / 3)
+    assert model.layerwise_multipliers("auto") == pytest.approx(
+        {"conv3/kernel": third, "conv2/kernel": third ** 2, "conv1/kernel": 1 / 30})
+    model.freeze("top:1")  # the top layer keeps the rate of its depth
+    assert model.layerwise_multipliers("auto") == pytest.approx({"conv3/kernel": third})
+
+
+def test_layerwise_rates_reach_hub_layer_variables(small_batch):
+    x, y = small_batch[0][:8], small_batch[1][:8]
+    moved = {}
+    for decay in (None, 0.5):
+        keras.utils.set_random_seed(0)
+        model = build_finetuner(str(SAVED / "digits_cnn_hub"), num_classes=5)
+        model.freeze("all")
+        model.compile_stage(1e-3, layerwise_lr_decay=decay)
+        model.run_eagerly = True  # one step: tracing would cost more than it runs
+        conv1 = next(w for w in model.backbone.weights if w.name == "conv1__kernel")
+        before = np.array(conv1)
+        model.train_on_batch(x, y)
+        moved[decay] = float(np.max(np.abs(np.array(conv1) - before)))
+    # Adam's first step moves each weight by about its rate: conv1 is 6 groups down (0.5**6).
+    assert moved[0.5] < 0.05 * moved[None], moved
