@@ -221,7 +221,7 @@ def _check_arrays(x, y, class_names):
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4:
         raise invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
-    _images.check_pixels(x, "x")
+    _images.check_pixels(x, "x", finite=False)  # NaN / inf: `_checks.check_batch` below
     y, class_names = _label_indices(np.asarray(y), class_names)
     if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
         raise invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class names) of "
