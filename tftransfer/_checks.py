@@ -227,7 +227,7 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 
 
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
-                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay="auto",
+                        fine_tune_learning_rate=None, lr_factor=0.03, layerwise_lr_decay="auto",
                         freeze_batchnorm=None, batch_size=32, shuffle=True, early_stopping=3,
                         overwrite=False, initial_epoch=0, keep_best_stage=True):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.
