@@ -15,7 +15,7 @@ from tftransfer.search import config as config_lib
 from tftransfer.search.__main__ import main, overrides, parser
 
 DIGITS = str(SAVED / "digits_cnn.keras")
-CONFIGS = ("quickstart", "image_folder", "tfhub")
+CONFIGS = ("quickstart", "image_folder", "tfhub", "text")
 
 
 def _tiny(**changes):

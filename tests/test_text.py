@@ -224,3 +224,17 @@ def test_frozen_embedding_features_are_cached_in_stage_one(tmp_path):
                         feature_cache_dir=str(tmp_path / "features"))
     assert len(history.history["loss"]) == 3
     assert len(calls) >= 1 and os.listdir(tmp_path / "features")
+
+
+def test_preprocessor_needing_text_ops_names_the_package_when_it_is_missing(monkeypatch):
+    from tftransfer import _text_backbones
+
+    def unregistered(*args, **kwargs):
+        raise ValueError("Op type not registered 'CaseFoldUTF8' in binary")
+
+    monkeypatch.setattr(_text_backbones, "_import_text_ops", lambda: False)
+    monkeypatch.setattr(_text_backbones, "HubLayer", unregistered)
+    with pytest.raises(ValueError, match=r"`preprocessor` needs TensorFlow Text ops.*"
+                                         r"pip install tensorflow-text.*Received: preprocessor="):
+        _text_backbones.preprocessor_layer("saved_models/text_bert_preprocess",
+                                           "saved_models/text_bert_encoder")
