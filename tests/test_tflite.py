@@ -218,8 +218,8 @@ def test_search_config_export_formats(tmp_path, model, task):
     assert config.validate(space)["run"]["export_formats"] == ["serving"]
     with pytest.raises(config.ConfigError) as caught:
         config.validate({**space, "run": {"export_formats": ["tflite-int4"]}})
-    assert str(caught.value).startswith("Invalid config at `run.export_formats`: expected a "
-                                        "non-empty list of distinct names from ['serving',")
+    assert str(caught.value).startswith("`run.export_formats` must be a non-empty list of "
+                                        "distinct names from ['serving',")
     paths = export_formats(model, tmp_path, ["serving", "tflite-float16"],
                            validation_data=task[1], class_names=NAMES)
     assert paths["serving"] == str(tmp_path / "1")

@@ -21,7 +21,9 @@ by the first trial and read by the others) and `export/<version>/` (TF
 Serving). Rerunning the same command resumes, also after a kill (state
 files are renamed into place); a changed config or other data is refused
 unless `--overwrite`, and a directory another search is using is refused
-(exit 2, `LockedError` naming its PID). Each backbone choice is loaded on
+(exit 2, `LockedError` naming its PID). A config that cannot run exits 2 with
+a `ConfigError` in the package's one error format, naming the key path:
+"`run.strategy` must be one of 'none', ... Received: run.strategy='tpu'". Each backbone choice is loaded on
 the configured image size before anything is written. Each trial is seeded
 from `tuner.seed` and its values, so the same config gives the same scores.
 
