@@ -108,7 +108,7 @@ class Child:
 
     def last_event(self):
         """The last `started` or `event` line read so far, reading what is there now."""
-        while select.select([self.fd], [], [], 0)[0] and self.code is None:
+        while self.code is None and select.select([self.fd], [], [], 0)[0]:
             self._read(0)
         self._pop_lines()
         phases = [line for _, line in self.lines if line == "started" or line.startswith("event ")]

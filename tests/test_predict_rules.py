@@ -137,12 +137,12 @@ def test_from_arrays_labels_and_shapes():
     assert given.counts == {"dog": 6, "cat": 0}
     floats = from_arrays(x, np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0]), image_size=(8, 8))
     assert floats.class_names == ["0", "1"]
-    with pytest.raises(ValueError, match=r"Invalid `y`.*names in class_names=\['a', 'b'\]"):
+    with pytest.raises(ValueError, match=r"`y`.*names in class_names=\['a', 'b'\]"):
         from_arrays(x, ["a"] * 5 + ["z"], class_names=["a", "b"], image_size=(8, 8))
-    with pytest.raises(ValueError, match=r"Invalid `x`: expected images of one size.*"
+    with pytest.raises(ValueError, match=r"`x`.*images of one size.*"
                        r"\(32, 32, 3\), \(50, 50, 3\)"):
         from_arrays([np.zeros((32, 32, 3)), np.zeros((50, 50, 3))], [0, 1], image_size=(8, 8))
-    with pytest.raises(ValueError, match=r"NaN or infinite pixels"):
+    with pytest.raises(ValueError, match=r"`x` must be finite images.*index 0"):
         from_arrays(np.where(x > 250, np.nan, x), [0, 1] * 3, image_size=(8, 8))
     with pytest.raises(ValueError, match=r"bool masks"):
         from_arrays(x > 100, [0, 1] * 3, image_size=(8, 8))

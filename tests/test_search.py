@@ -15,7 +15,7 @@ from tftransfer.search import config as config_lib
 from tftransfer.search.__main__ import main, overrides, parser
 
 DIGITS = str(SAVED / "digits_cnn.keras")
-CONFIGS = ("quickstart", "image_folder", "tfhub")
+CONFIGS = ("quickstart", "image_folder", "tfhub", "text")
 
 
 def _tiny(**changes):
@@ -67,6 +67,25 @@ def test_former_trainable_key_is_read_as_unfreeze_with_a_warning():
     assert cfg["search_space"]["unfreeze"] == "top:2" and "trainable" not in cfg["search_space"]
     with pytest.raises(ConfigError, match="no `trainable` next to `unfreeze`"):
         validate(_tiny(search_space__trainable="top:2", search_space__unfreeze="all"))
+
+
+@pytest.mark.parametrize("role, workers, strategy, isolate, mode", [
+    (None, None, "none", True, "pooled"),
+    (None, None, "none", False, "in_process"),
+    (None, None, "multi_worker", True, "multi_worker"),
+    (None, 2, "none", True, "cluster"),
+    ("chief", None, "none", True, "cluster_chief"),
+    ("tuner0", None, "none", True, "cluster_worker"),
+])
+def test_search_mode(role, workers, strategy, isolate, mode, monkeypatch):
+    from tftransfer.search.runner import search_mode
+
+    if role is None:
+        monkeypatch.delenv("KERASTUNER_TUNER_ID", raising=False)
+    else:
+        monkeypatch.setenv("KERASTUNER_TUNER_ID", role)
+    cfg = validate(_tiny(run__strategy=strategy, run__isolate_trials=isolate))
+    assert search_mode(cfg, workers).value == mode
 
 
 def test_round_trip_of_every_knob_form():

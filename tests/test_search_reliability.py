@@ -64,7 +64,7 @@ def test_search_survives_sigkill_at_20_random_moments(tmp_path):
     config = _write(tmp_path / "tiny.yaml", cfg)
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "_sigkill_search.py"), config,
                           str(tmp_path), "20", "0"], env=ENV, capture_output=True, text=True,
-                         timeout=TIMEOUT)
+                         timeout=2 * TIMEOUT)  # each restart imports TensorFlow in a trial worker
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["reference_code"] == 0 and result["final_code"] == 0, result
@@ -229,6 +229,23 @@ def _quick_tuner(directory, max_trials):
                                 seed=3)
     return _ScoringTuner(oracle, hypermodel=_declare, directory=str(directory.parent),
                                project_name=directory.name)
+
+
+class _StopAfterOne(_ScoringTuner):
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        self.oracle.stop()  # as a trial worker does when its share is done
+
+
+def test_stopped_oracle_ends_the_search_and_a_reload_goes_on(tmp_path):
+    directory = tmp_path / "s"
+    oracle = RandomSearchOracle(objective=kt.Objective("score", "max"), max_trials=3, seed=3)
+    tuner = _StopAfterOne(oracle, hypermodel=_declare, directory=str(tmp_path), project_name="s")
+    tuner.search()  # returns after one trial: no exception leaves the loop
+    assert len(tuner.oracle.trials) == 1
+    tuner = _quick_tuner(directory, 3)  # the next worker reloads the search
+    tuner.search()
+    assert json.loads((directory / "oracle.json").read_text())["end_order"] == ["0", "1", "2"]
 
 
 def test_state_files_are_replaced_never_rewritten_in_place(tmp_path):

@@ -58,6 +58,9 @@ def _stat(source):
 def digests(images):
     """One 16-byte hash per image of a batch (its dtype, shape and bytes)."""
     images = np.asarray(images)
+    if images.dtype == object:  # a batch of strings (text): hash their bytes
+        return [hashlib.blake2b(b"text:" + bytes(text), digest_size=_DIGEST_BYTES).digest()
+                for text in images]
     head = f"{images.dtype.str}{images.shape[1:]}".encode()
     return [hashlib.blake2b(head + np.ascontiguousarray(image).tobytes(),
                             digest_size=_DIGEST_BYTES).digest() for image in images]

@@ -47,12 +47,13 @@ def sniff(head: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
 
 
-def check_pixels(array, argument):
+def check_pixels(array, argument, finite=True):
     """`array` if its pixels are usable 0-255 values, else a ValueError naming `argument`.
 
     Accepted: uint8; other integers within 0-255; floats without NaN or
     infinity. Refused: bool, integers outside 0-255 (16-bit images: divide
-    by 257 first), NaN / infinity (the first bad image is named).
+    by 257 first), NaN / infinity (the first bad image is named) unless
+    ``finite=False`` (the caller checks them).
     """
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
                                    or np.issubdtype(array.dtype, np.floating)):
@@ -64,11 +65,11 @@ def check_pixels(array, argument):
         raise ValueError(f"`{argument}` holds integer pixels outside 0-255 ({array.min()} to "
                          f"{array.max()}); for 16-bit images pass `(x // 257).astype('uint8')`. "
                          f"Received: {argument}=array(dtype={array.dtype})")
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-        if not finite.all():
+    if finite and np.issubdtype(array.dtype, np.floating):
+        ok = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not ok.all():
             raise ValueError(f"`{argument}` holds NaN or infinite pixels, first in image "
-                             f"{int(np.argmin(finite))}. Received: {argument}=array(shape="
+                             f"{int(np.argmin(ok))}. Received: {argument}=array(shape="
                              f"{array.shape}, dtype={array.dtype})")
     return array
 

@@ -31,6 +31,7 @@ import zipfile
 
 import keras
 
+from tftransfer import _text_backbones as _text
 from tftransfer._registry import close_matches
 from tftransfer.layers import HubLayer, is_hub_url, resolve_handle
 
@@ -67,7 +68,7 @@ _FORMATS_TRIED = (
 
 def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=None,
                   signature=None, output_key=None, safe_mode=True, custom_objects=None,
-                  name=None):
+                  name=None, preprocessor=None):
     """Loads a pretrained feature extractor as a Keras 3 model.
 
     Args:
@@ -93,6 +94,10 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
             custom layers and functions a `.keras` / `.h5` file refers to,
             passed to Keras's loader.
         name: Optional name of the returned model.
+        preprocessor: For a BERT-style encoder (a SavedModel taking
+            `input_word_ids`, `input_mask`, `input_type_ids`): the SavedModel,
+            TF-Hub handle or layer mapping strings to those inputs. It becomes
+            the model's text preprocessing (see `_text_backbones`).
 
     Returns:
         A `keras.Model` from images `(H, W, C)` to features, with attributes
@@ -111,13 +116,17 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
     """
     with keras.saving.custom_object_scope(custom_objects or {}):
         model, preprocessing = _dispatch(source, input_shape, weights, signature,
-                                         output_key, safe_mode)
+                                         output_key, safe_mode, preprocessor)
+    # A text backbone brings its preprocessing layer (strings in); see `_text_backbones`.
+    preprocessing = getattr(model, "tftransfer_text_preprocessing", None) or preprocessing
+    text = _text.takes_text(model)  # no image shapes to check or fix
     subclassed = _is_subclassed(model)
-    model = _ensure_input(model, input_shape)
-    _check_single_input(model, source)
+    model = model if text else _ensure_input(model, input_shape)
+    if not text:  # a BERT encoder's backbone takes its dict of token ids
+        _check_single_input(model, source)
     if output_layer is not None:
         model = _cut(model, output_layer, subclassed)
-    model = _add_channel_axis(model)
+    model = model if text else _add_channel_axis(model)
     if name:
         model.name = name
     model.tftransfer_source = getattr(source, "tftransfer_source", None) or (
@@ -126,7 +135,7 @@ def load_backbone(source, *, input_shape=None, weights="imagenet", output_layer=
     return model
 
 
-def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
+def _dispatch(source, input_shape, weights, signature, output_key, safe_mode, preprocessor=None):
     if isinstance(source, keras.Model):  # Maybe from `load_backbone` already.
         return source, getattr(source, "tftransfer_preprocessing", "none")
     if isinstance(source, os.PathLike):
@@ -140,9 +149,10 @@ def _dispatch(source, input_shape, weights, signature, output_key, safe_mode):
         local = resolve_handle(source, arg="source")  # A clear error offline; cached for the layer.
         if os.path.exists(os.path.join(local, "saved_model.pb")):
             _read_saved_model_proto(local)  # A clear error for a corrupt file.
-        return _from_hub(source, input_shape, signature, output_key), "none"
+        return _from_hub(source, input_shape, signature, output_key, preprocessor), "none"
     if os.path.exists(source):
-        return _from_path(source, input_shape, signature, output_key, safe_mode), "none"
+        return _from_path(source, input_shape, signature, output_key, safe_mode,
+                          preprocessor), "none"
     if source.lower() in APPLICATIONS:
         return _from_application(source.lower(), input_shape, weights)
     raise _missing_source_error(source)
@@ -163,7 +173,7 @@ def _missing_source_error(source):
     )
 
 
-def _from_path(path, input_shape, signature, output_key, safe_mode):
+def _from_path(path, input_shape, signature, output_key, safe_mode, preprocessor=None):
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
             raise ValueError(
@@ -175,7 +185,7 @@ def _from_path(path, input_shape, signature, output_key, safe_mode):
             os.path.join(path, "saved_model.pb")) else None  # A clear error for a corrupt file.
         if _is_tf_keras_saved_model(path, proto) and signature is None:
             return _via_tf_keras(path)
-        return _from_hub(path, input_shape, signature, output_key)
+        return _from_hub(path, input_shape, signature, output_key, preprocessor)
     if path.endswith(".keras"):
         return _from_keras_file(path, safe_mode)
     if path.endswith((".h5", ".hdf5")):
@@ -288,11 +298,17 @@ def _via_tf_keras(path):
         return keras.saving.load_model(h5_path, compile=False)
 
 
-def _from_hub(handle, input_shape, signature, output_key):
+def _from_hub(handle, input_shape, signature, output_key, preprocessor=None):
     local = resolve_handle(handle)
     tf1_hub_module = os.path.exists(os.path.join(local, "tfhub_module.pb"))  # Empty tag set.
     layer = HubLayer(handle, signature=signature, output_key=output_key,
                      tags=["serve"] if signature and not tf1_hub_module else None, name="hub")
+    kind = _text.input_kind(layer)
+    if kind is not None:  # strings or token ids in: a text backbone
+        model, text_preprocessing = _text.hub_text_backbone(layer, kind, handle, preprocessor,
+                                                            output_key)
+        model.tftransfer_text_preprocessing = text_preprocessing
+        return model
     shape = input_shape or _hub_input_shape(layer)
     inputs = keras.Input(shape, name="image")
     outputs = layer(inputs)

@@ -15,8 +15,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import _checks, _folders, _images, _pipeline, _settings
+from tftransfer import _checks, _folders, _images, _pipeline, _settings, _text_data
 from tftransfer._checks import invalid
+from tftransfer._text_data import TextData, from_csv, from_text_arrays, from_text_directory  # noqa: F401
 
 IMAGE_EXTENSIONS = _images.EXTENSIONS
 CACHE_MODES, INTERPOLATIONS = _settings.CACHE_MODES, _settings.INTERPOLATIONS
@@ -220,7 +221,7 @@ def _check_arrays(x, y, class_names):
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4:
         raise invalid("x", "images of shape [n, H, W] or [n, H, W, C]", x)
-    _images.check_pixels(x, "x")
+    _images.check_pixels(x, "x", finite=False)  # NaN / inf: `_checks.check_batch` below
     y, class_names = _label_indices(np.asarray(y), class_names)
     if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.min() < 0:
         raise invalid("y", f"{len(x) or 'n'} non-negative integer labels (or class names) of "
@@ -286,10 +287,18 @@ def from_arrays(x, y, *, class_names=None, model=None, image_size=None,
         class_names: Optional names; default ``"0"`` .. ``str(max(y))``.
         **others: As in :func:`from_directory`.
 
+    A list of strings for ``x`` gives text pipelines instead (a ``TextData``,
+    see ``from_text_arrays``; the image arguments do not apply).
+
     Example:
         >>> (x, y), _ = keras.datasets.mnist.load_data()
         >>> data = from_arrays(x, y, image_size=(32, 32), channels=3)
+        >>> texts = from_arrays(["a good film", "a dull one"], ["pos", "neg"], validation_split=0)
     """
+    if _text_data.is_text(x):
+        return from_text_arrays(x, y, class_names=class_names, batch_size=batch_size,
+                                validation_split=validation_split, seed=seed, shuffle=shuffle,
+                                class_weight=class_weight)
     spec = _settings.make_spec(
         model=model, image_size=image_size, channels=channels, batch_size=batch_size, seed=seed,
         shuffle=shuffle, cache=cache, augment=augment, interpolation=interpolation,

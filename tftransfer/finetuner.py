@@ -16,7 +16,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
                     regularize_backbone=False, label_smoothing=0.0, weight_decay=None,
                     optimizer_options=None, loss="auto", metrics="auto", pooling="avg",
                     class_names=None, dtype_policy=None, jit_compile="auto",
-                    name="finetuner"):
+                    preprocessor=None, name="finetuner"):
     """Builds a compiled `FineTuner` from a pretrained backbone.
 
     The model takes images `[batch, H, W, C]` in the raw 0-255 range; its
@@ -86,6 +86,9 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
             `mixed_float16` scales the loss.
         jit_compile: `"auto"`, True or False: XLA compilation of the train
             step (`keras.Model.compile`).
+        preprocessor: For a BERT-style text encoder: the SavedModel or
+            TF-Hub handle mapping strings to its inputs (docs/text.md). The
+            model then takes strings.
         name: Name of the model.
 
     Returns:
@@ -109,7 +112,7 @@ def build_finetuner(backbone, num_classes=None, *, input_shape=None, trainable="
         base = load_backbone(backbone, input_shape=input_shape, weights=weights,
                              output_layer=output_layer, signature=signature,
                              output_key=output_key, safe_mode=safe_mode,
-                             custom_objects=custom_objects)
+                             custom_objects=custom_objects, preprocessor=preprocessor)
         reg = optim.get_regularizer(regularizer)
         recipe = _recipe(optimizer, learning_rate, weight_decay, optimizer_options,
                          label_smoothing, trainable, freeze_batchnorm, jit_compile)

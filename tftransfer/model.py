@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer import freezing, heads, optim, tasks
+from tftransfer import _text_backbones, freezing, heads, optim, tasks
 from tftransfer._names import DTYPE_POLICIES
 from tftransfer.distribute import MultiWorkerSteps
 from tftransfer.layers import HubLayer, ImagePreprocessing
@@ -58,7 +58,9 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         preprocessing: The backbone's input preprocessing, an
             `ImagePreprocessing` mode (`"none"`, `"tf"`, `"torch"`, `"caffe"`,
             `"rescale:<scale>,<offset>"`, a `{"mean", "std", "channel_order"}`
-            dict) or a Keras layer.
+            dict) or a Keras layer; for text backbones (detected from
+            the backbone) a layer taking strings (a BERT preprocessor
+            `HubLayer` or `TextInput`), and the model's input is strings.
         hidden_units: Sequence of integers, ReLU layers in the head.
         dropout: Float in [0, 1), dropout in the head.
         regularizer: Optional Keras regularizer (or identifier) of the head's
@@ -83,14 +85,16 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         if policy is not None:
             _set_dtype_policy(backbone, policy)
         # === Layers ===
-        preprocessing_layer = ImagePreprocessing(preprocessing, name="preprocessing")
+        text = _text_backbones.model_input(backbone, preprocessing)  # (string Input, layer)
+        inputs, preprocessing_layer = text or (
+            keras.Input(backbone.input_shape[1:], name="image"),
+            ImagePreprocessing(preprocessing, name="preprocessing"))
         backbone.name = "backbone"
         head = heads.build_head(backbone.output_shape[1:], num_classes, task=task,
                                 hidden_units=tuple(hidden_units), dropout=dropout,
                                 regularizer=optim.get_regularizer(regularizer),
                                 pooling=pooling, dtype=policy)
         # === Functional model ===
-        inputs = keras.Input(backbone.input_shape[1:], name="image")
         outputs = head(backbone(preprocessing_layer(inputs)))
         kwargs.pop("dtype", None)
         super().__init__(inputs=inputs, outputs=outputs, name=name, dtype=policy, **kwargs)
@@ -361,7 +365,7 @@ class FineTuner(MultiWorkerSteps, keras.Model):
             "backbone": keras.saving.serialize_keras_object(self._backbone),
             "num_classes": self._num_classes,
             "task": self._task,
-            "preprocessing": self._preprocessing.mode,
+            "preprocessing": _text_backbones.preprocessing_config(self._preprocessing),
             **self._head_config,
             "class_names": self.class_names,
             "source": self._source,

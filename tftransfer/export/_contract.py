@@ -18,6 +18,7 @@ DEFAULT_SIGNATURE = "serving_default"  # images: float32 [batch, H, W, C] in 0-2
 BYTES_SIGNATURE = "serving_bytes"  # image_bytes: string [batch], encoded images
 IMAGES_INPUT = "images"
 BYTES_INPUT = "image_bytes"
+TEXTS_INPUT = "texts"  # text models: serving_default takes string [batch]
 LABELS_FILE = "labels.txt"
 METADATA_FILE = "tftransfer.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -45,6 +46,23 @@ def sample_images(shape, batch=1, seed=0):
 def encode_png(image):
     """PNG bytes of a float 0-255 image [H, W, C]."""
     return tf.io.encode_png(tf.cast(image, tf.uint8)).numpy()
+
+
+_SAMPLE_WORDS = ("the", "launch", "of", "a", "new", "idea", "about", "faith", "and", "orbit")
+
+
+def sample_texts(batch=1, seed=0):
+    """Deterministic short sentences, a numpy array of `batch` strings (text models)."""
+    rng = np.random.default_rng(seed)
+    return np.array([" ".join(rng.choice(_SAMPLE_WORDS, 6)) for _ in range(batch)], object)
+
+
+def samples_for(signature, batch=1, seed=0):
+    """Sample inputs for a serving signature: sentences if it takes strings, else images."""
+    spec = next(iter(signature.structured_input_signature[1].values()))
+    if spec.dtype == tf.string and spec.name == TEXTS_INPUT:
+        return sample_texts(batch, seed)
+    return sample_images(tuple(spec.shape[1:]), batch, seed)
 
 
 def label_mismatch(outputs, names):

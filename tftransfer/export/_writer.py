@@ -47,11 +47,13 @@ from tftransfer.export._contract import (
     LABELS_FILE,
     METADATA_FILE,
     PRIMARY_OUTPUTS,
+    TEXTS_INPUT,
     TFLITE_TOLERANCE,
     WARMUP_FILE,
     encode_png,
     existing_versions,
     sample_images,
+    sample_texts,
 )
 from tftransfer.model import FineTuner
 
@@ -65,6 +67,7 @@ class _Spec:
     output_shape: tuple
     class_names: tuple
     top_k: int
+    text: bool = False  # the model takes strings: `serving_default(texts)`
 
     @property
     def num_outputs(self):
@@ -134,7 +137,9 @@ def model_info(model):
     preprocessing and recipe; for another model, its `tftransfer_info` dict."""
     if isinstance(model, FineTuner):
         return {"task": model.task, "class_names": model.class_names,
-                "backbone": model.source, "preprocessing": model.preprocessing.mode,
+                "backbone": model.source,
+                "preprocessing": getattr(model.preprocessing, "mode", None)
+                or type(model.preprocessing).__name__,  # a text model's preprocessing layer
                 "hyperparameters": model.recipe}
     return dict(getattr(model, "tftransfer_info", None) or {})
 
@@ -142,6 +147,7 @@ def model_info(model):
 def _make_spec(model, class_names, task, top_k):
     """Checks the model and arguments; returns the `_Spec`."""
     input_shape, output_shape = _model_shapes(model)
+    text = input_shape is None
     task = tasks.task_of(model) if task is None else tasks.check_task(task)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise invalid("top_k", "an integer >= 1", top_k)
@@ -149,7 +155,7 @@ def _make_spec(model, class_names, task, top_k):
         raise ValueError(f"A {task} model must output [batch, n]; this "
                          f"model outputs {(None,) + output_shape}.")
     names = class_names if class_names is not None else tasks.class_names_of(model)
-    spec = _Spec(task, input_shape, output_shape, (), top_k)
+    spec = _Spec(task, input_shape, output_shape, (), top_k, text)
     names = _check_class_names(names, spec)
     return dataclasses.replace(spec, class_names=names)
 
@@ -160,6 +166,8 @@ def _model_shapes(model):
     if not inputs or not outputs or len(inputs) != 1 or len(outputs) != 1:
         raise ValueError("export_for_serving needs a built keras.Model with "
                          "one image input and one output.")
+    if str(inputs[0].dtype) == "string":  # a text model: a batch of strings, no shape
+        return None, tuple(outputs[0].shape[1:])
     shape = tuple(inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in shape[1:]):
         raise ValueError("The model input must be [None, H, W, C] with known "
@@ -222,6 +230,8 @@ def _save_savedmodel(model, spec, path):
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if spec.text:
+        return _save_text_signature(archive, model, spec, path)
     image_spec = tf.TensorSpec((None,) + spec.input_shape, tf.float32,
                                name=IMAGES_INPUT)
 
@@ -242,6 +252,17 @@ def _save_savedmodel(model, spec, path):
                       f"decoded to {spec.input_shape[-1]} channels.")
     archive.write_out(str(path), verbose=False)
     return names
+
+
+def _save_text_signature(archive, model, spec, path):
+    """`serving_default(texts)`: strings in, the preprocessor inside the model."""
+    def serving_default(texts):
+        return _serving_outputs(model, spec, texts)
+
+    archive.add_endpoint(DEFAULT_SIGNATURE, serving_default,
+                         [tf.TensorSpec((None,), tf.string, name=TEXTS_INPUT)])
+    archive.write_out(str(path), verbose=False)
+    return [DEFAULT_SIGNATURE]
 
 
 def _serving_outputs(model, spec, images):
@@ -308,8 +329,8 @@ def _write_warmup(path, spec, signatures):
                       "requests written (pip install tensorflow-serving-api).")
         return 0
     shape = spec.input_shape
-    requests = [(DEFAULT_SIGNATURE, IMAGES_INPUT, sample_images(shape, b, b))
-                for b in (1, 2)]
+    requests = [(DEFAULT_SIGNATURE, TEXTS_INPUT, sample_texts(b, b)) if spec.text else
+                (DEFAULT_SIGNATURE, IMAGES_INPUT, sample_images(shape, b, b)) for b in (1, 2)]
     if BYTES_SIGNATURE in signatures:
         png = encode_png(sample_images(shape)[0])
         requests.append((BYTES_SIGNATURE, BYTES_INPUT, np.array([png], object)))
@@ -367,8 +388,9 @@ def _metadata(model, spec, version, metadata, signatures, records, extras):
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": version,
         "task": spec.task,
-        "input": {"name": IMAGES_INPUT, "shape": [None, *spec.input_shape],
-                  "dtype": "float32", "value_range": [0, 255]},
+        "input": {"name": TEXTS_INPUT, "shape": [None], "dtype": "string"} if spec.text else
+        {"name": IMAGES_INPUT, "shape": [None, *spec.input_shape], "dtype": "float32",
+         "value_range": [0, 255]},
         "output_shape": [None, *spec.output_shape],
         "class_names": list(spec.class_names),
         "top_k": min(spec.top_k, spec.num_outputs),

@@ -24,6 +24,7 @@ from tftransfer.export._contract import (
     existing_versions,
     label_mismatch,
     sample_images,
+    samples_for,
 )
 
 
@@ -91,8 +92,8 @@ def _spec_line(name, spec):
 
 def _call_default(loaded, images):
     fn = loaded.signatures[DEFAULT_SIGNATURE]
-    key = next(iter(fn.structured_input_signature[1]))
-    return fn(**{key: tf.constant(images, tf.float32)})
+    key, spec = next(iter(fn.structured_input_signature[1].items()))
+    return fn(**{key: tf.constant(images, spec.dtype)})  # images, or texts (strings)
 
 
 def _primary(outputs):
@@ -107,7 +108,7 @@ def _check_signatures(loaded, meta, out):
                 if name not in loaded.signatures]
     if DEFAULT_SIGNATURE not in loaded.signatures:
         return problems or [f"signature `{DEFAULT_SIGNATURE}` is missing"]
-    images = sample_images(_image_shape(loaded), batch=2)
+    images = samples_for(loaded.signatures[DEFAULT_SIGNATURE], batch=2)
     for name, fn in loaded.signatures.items():
         out(f"signature {name}:")
         inputs = fn.structured_input_signature[1]
@@ -125,6 +126,10 @@ def _check_signatures(loaded, meta, out):
     return problems
 
 
+def _takes_text(loaded):
+    return samples_for(loaded.signatures[DEFAULT_SIGNATURE]).dtype == object
+
+
 def _image_shape(loaded):
     """(H, W, C) of the image input of `serving_default`."""
     inputs = loaded.signatures[DEFAULT_SIGNATURE].structured_input_signature[1]
@@ -132,7 +137,9 @@ def _image_shape(loaded):
 
 
 def _sample_inputs(inputs, images):
-    """`images` as the signature wants them: floats, or PNG strings."""
+    """`images` as the signature wants them: floats, or PNG strings (texts as they are)."""
+    if images.dtype == object:  # sample texts of a text model
+        return {key: tf.constant(list(images), spec.dtype) for key, spec in inputs.items()}
     return {key: tf.constant([encode_png(i) for i in images])
             if spec.dtype == tf.string else tf.constant(images, spec.dtype)
             for key, spec in inputs.items()}
@@ -161,7 +168,7 @@ def _check_labels(vdir, loaded, meta):
                 f"has {n} outputs"]
     if meta.get("class_names") not in (None, lines):
         return [f"assets/{LABELS_FILE} differs from {METADATA_FILE}"]
-    images = sample_images(_image_shape(loaded), batch=8, seed=3)
+    images = samples_for(loaded.signatures[DEFAULT_SIGNATURE], batch=8, seed=3)
     mismatch = label_mismatch(_call_default(loaded, images), lines)
     return [f"assets/{LABELS_FILE} disagrees with the graph: {mismatch}"] if mismatch else []
 
@@ -220,8 +227,9 @@ def _compare_keras(loaded, keras_path, out):
         model = keras.models.load_model(keras_path, compile=False)
     except Exception as err:  # noqa: BLE001
         return [f"cannot load {keras_path} with keras.models.load_model: {err}"]
-    images = sample_images(_image_shape(loaded), batch=2, seed=2)
-    want = np.asarray(model(images, training=False), np.float32)
+    images = samples_for(loaded.signatures[DEFAULT_SIGNATURE], batch=2, seed=2)
+    want = np.asarray(model(tf.constant(list(images)) if images.dtype == object else images,
+                            training=False), np.float32)
     got = np.asarray(_primary(_call_default(loaded, images)))
     if got.shape != want.shape:
         return [f"--compare: shapes differ: export {got.shape}, keras {want.shape}"]
@@ -235,6 +243,9 @@ def _curl_command(vdir, loaded, model_name):
     """Ready REST requests for TF Serving on localhost:8501."""
     name = model_name or (vdir.parent.name if vdir.name.isdigit() else vdir.name)
     url = f"http://localhost:8501/v1/models/{name}:predict"
+    if _takes_text(loaded):
+        body = json.dumps({"instances": ["a sentence to classify"]})
+        return f"REST request (text):\n  curl -d '{body}' -X POST {url}"
     if BYTES_SIGNATURE not in loaded.signatures:
         return (f"REST request:\n  curl -d '{{\"instances\": [<H x W x C "
                 f"nested list of 0-255 floats>]}}' -X POST {url}")

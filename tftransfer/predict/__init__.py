@@ -30,7 +30,7 @@ from tftransfer import tta as tta_views
 from tftransfer.export import _contract
 from tftransfer.export.verify import VerifyError, resolve_version_dir
 from tftransfer.model import FineTuner, unit_range_message
-from tftransfer.predict import _tflite
+from tftransfer.predict import _text, _tflite
 
 
 def predict(model, images, *, top_k=1, batch_size=32, verbose="auto", tta=False):
@@ -74,6 +74,10 @@ def predict(model, images, *, top_k=1, batch_size=32, verbose="auto", tta=False)
     batch_size = _check_positive_int("batch_size", batch_size)
     views = tta_views.resolve(tta)
     predictor = _Predictor.of(model)
+    if predictor.text:  # a text model: sentences, .txt files or folders of them
+        results = Predictions(_text.predict_texts(predictor, images, top_k, batch_size, _result))
+        results.skipped = []
+        return results
     source = _inputs(images, predictor, batch_size)
     count = len(source.names)
     progress = keras.utils.Progbar(count, unit_name="image") if _show(verbose, count,
@@ -125,9 +129,11 @@ class _Predictor:
         self.call, self.input_shape = call, tuple(input_shape)
         self.task, self.class_names = task, list(class_names)
         self.warn_range = warn_range
+        self.text = self.input_shape == ()  # strings [batch] in
 
     def __call__(self, images):
-        return np.asarray(self.call(tf.convert_to_tensor(images, tf.float32)), dtype="float64")
+        dtype = tf.string if self.text else tf.float32
+        return np.asarray(self.call(tf.convert_to_tensor(images, dtype)), dtype="float64")
 
     @classmethod
     def of(cls, model):
@@ -154,7 +160,7 @@ class _Predictor:
         n = int(model.output_shape[-1])
         names = tasks.class_names_of(model) or tasks.default_class_names(n)
         task = tasks.task_of(model)
-        mode = model.preprocessing.mode if isinstance(model, FineTuner) else None
+        mode = getattr(model.preprocessing, "mode", None) if isinstance(model, FineTuner) else None
         return cls(lambda x: model(x, training=False), model.input_shape[1:], names, task,
                    _range_warning(model.name, mode))
 
@@ -168,7 +174,8 @@ class _Predictor:
         loaded = tf.saved_model.load(str(version))
         signature = loaded.signatures.get(_contract.DEFAULT_SIGNATURE)
         specs = signature.structured_input_signature[1] if signature is not None else {}
-        if _contract.IMAGES_INPUT not in specs:
+        name = _contract.TEXTS_INPUT if _contract.TEXTS_INPUT in specs else _contract.IMAGES_INPUT
+        if name not in specs:
             raise ValueError(
                 f"`model` is a SavedModel but not a tftransfer serving export: it has no "
                 f"{_contract.DEFAULT_SIGNATURE!r} signature taking {_contract.IMAGES_INPUT!r} "
@@ -179,7 +186,7 @@ class _Predictor:
         task = meta.get("task", "classification")
 
         def call(images):
-            outputs = signature(**{_contract.IMAGES_INPUT: images})
+            outputs = signature(**{name: images})
             mismatch = _contract.label_mismatch(outputs, names)
             if mismatch:
                 raise ValueError(
@@ -191,7 +198,7 @@ class _Predictor:
             return outputs[key]
 
         warn = _range_warning(path, meta.get("preprocessing"))
-        predictor = cls(call, specs[_contract.IMAGES_INPUT].shape[1:], names, task, warn)
+        predictor = cls(call, specs[name].shape[1:], names, task, warn)
         predictor.loaded = loaded  # keeps the SavedModel's variables alive
         return predictor
 

@@ -19,7 +19,11 @@ def _parser():
         description="Predict labels for image files or folders with a tftransfer model.",
         epilog="Exit codes: 0 done, 2 bad arguments, model or images.")
     p.add_argument("model", help="a .keras or .tflite file, or a serving export directory")
-    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("images", nargs="*",
+                   help="image files and/or folders (searched recursively); for a text model, "
+                        ".txt files and/or folders of them")
+    p.add_argument("--text", action="append", metavar="SENTENCE",
+                   help="a sentence for a text model (repeatable)")
     p.add_argument("--top-k", type=int, default=1, help="labels per image (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--tta", action="store_true",
@@ -33,11 +37,22 @@ def _rows(results, top_k):
     header = ["path", "label", "score"] + (["top_k"] if top_k > 1 else [])
     rows = []
     for r in results:
-        row = [r.get("path", ""), "" if r["label"] is None else r["label"], f"{r['score']:.4f}"]
+        row = [r.get("path") or _short(r.get("text", "")),
+               "" if r["label"] is None else r["label"], f"{r['score']:.4f}"]
         if top_k > 1:
             row.append("; ".join(f"{label} {score:.4f}" for label, score in r["top_k"]))
         rows.append(row)
     return header, rows
+
+
+def _short(text, width=40):
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _text_files(items):
+    """Whether the positional items are .txt files (or folders of only .txt files)."""
+    return bool(items) and all(str(i).lower().endswith(".txt") for i in items)
 
 
 def _table(header, rows):
@@ -52,18 +67,24 @@ def main(argv=None):
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 2
+    if not args.images and not args.text:
+        print("error: give images, .txt files or --text SENTENCE", file=sys.stderr)
+        return 2
     problem = args.csv and _csv_problem(args.csv, args.overwrite)
     if problem:
         print(f"error: --csv {args.csv!r}: {problem}", file=sys.stderr)
         return 2
     import warnings
 
-    from tftransfer.predict import predict
+    from tftransfer.predict import _text, predict
 
     try:
         with warnings.catch_warnings():  # the skipped files are reported below
             warnings.simplefilter("ignore")
-            results = predict(args.model, args.images, top_k=args.top_k,
+            inputs = args.images
+            if args.text or _text_files(args.images):
+                inputs = _text.cli_items(args.text, args.images)
+            results = predict(args.model, inputs, top_k=args.top_k,
                               batch_size=args.batch_size, tta=args.tta)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

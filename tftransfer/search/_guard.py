@@ -70,20 +70,29 @@ def check_backbones(cfg):
     """
     import keras
     import numpy as np
+    import tensorflow as tf
 
     from tftransfer.finetuner import build_finetuner
 
     shape = (*cfg["data"]["image_size"], cfg["data"]["channels"])
+    text = cfg["data"].get("kind") == "text"
     for name in backbone_choices(cfg["search_space"]):
         try:
+            if text:  # strings in: no image shape (a BERT encoder needs its preprocessor)
+                model = build_finetuner(name, num_classes=2,
+                                        preprocessor=cfg["search_space"].get("preprocessor"))
+                model.predict_on_batch(tf.constant(["a sentence"]))
+                continue
             model = build_finetuner(name, num_classes=2, input_shape=shape)
             model.predict_on_batch(np.zeros((1, *shape), "float32"))
         except Exception as e:  # any reason: the trials would all fail with it
             reason = " ".join(str(e).split())[:500]
+            takes = "strings (data.kind: text)" if text else (
+                f"{shape[0]}x{shape[1]}x{shape[2]} images "
+                "(data.image_size x data.channels; --image-size sets the size)")
             raise ConfigError(
                 "search_space.backbone",
-                f"a backbone that loads and takes {shape[0]}x{shape[1]}x{shape[2]} images "
-                f"(data.image_size x data.channels; --image-size sets the size). It fails with "
+                f"a backbone that loads and takes {takes}. It fails with "
                 f"{type(e).__name__}: {reason}", name) from None
         finally:
             keras.backend.clear_session()

@@ -108,6 +108,10 @@ def _string(path, v):
 
 
 
+def _optional_string(path, v):
+    return None if v is None else _string(path, v)
+
+
 def _freeze_policy(path, v):
     text = "'none', 'all', 'top:N' (N >= 0) or 'fraction:F' (0 <= F <= 1)"
     if isinstance(v, str):
@@ -146,6 +150,7 @@ def _decay(path, v):
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
+    "preprocessor": (_optional_string, None, "f"),  # BERT-style text encoders only
     "unfreeze": (_freeze_policy, "all", "fcri"),  # what stage 2 trains of the backbone
     "optimizer": (_one_of(OPTIMIZERS), "adam", "fc"),
     "learning_rate": (_num(0, lo_open=True), 1e-3, "fcr"),
@@ -243,6 +248,7 @@ def _classes(path, v):
 
 DATA = {
     "source": (_source, "digits"),
+    "kind": (_one_of(("images", "text")), "images"),  # text: source/<class>/*.txt
     "classes": (_optional(_classes), None),
     "image_size": (_optional(_image_size), None),
     "channels": (_one_of((1, 3)), 3),

@@ -21,7 +21,8 @@ from tftransfer.finetuner import build_finetuner
 from tftransfer.search import control
 from tftransfer.train import fine_tune
 
-BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing")
+BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing",
+               "preprocessor")
 FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
              "fine_tune_warmup")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
@@ -127,8 +128,9 @@ class FineTuneHyperModel(kt.HyperModel):
         """Returns `(build_finetuner kwargs, fine_tune kwargs)` for this trial."""
         v = self.values(hp)
         build = {k: v[k] for k in BUILD_KNOBS}
+        shape = list(self.data.input_shape) or None  # text data: no image shape
         build.update(trainable=v["unfreeze"],  # the freeze policy the recipe records
-                     num_classes=self.data.num_classes, input_shape=list(self.data.input_shape),
+                     num_classes=self.data.num_classes, input_shape=shape,
                      regularizer=_regularizer(v["regularizer_kind"], v["regularizer_strength"]),
                      learning_rate=self._learning_rate(v), strategy=self.strategy_name,
                      **self.precision)

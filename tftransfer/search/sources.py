@@ -73,6 +73,8 @@ def load(data_cfg):
         return _digits(data_cfg)
     if source.startswith("tfds:"):
         return _from_image_data(_tfds(data_cfg), data_cfg)
+    if data_cfg.get("kind") == "text":
+        return _text(data_cfg)
     from tftransfer.data import from_directory
 
     data = from_directory(source, image_size=tuple(data_cfg["image_size"]),
@@ -121,3 +123,15 @@ def _from_image_data(data, cfg):
         num_train = batches * _PIPELINE_BATCH if batches > 0 else 1000
     return SearchData(data.train, data.validation, list(data.class_names),
                       (*cfg["image_size"], cfg["channels"]), num_train)
+
+
+def _text(cfg):
+    """A folder of `.txt` files per class: strings in, no image shape."""
+    from tftransfer.data import from_text_directory
+
+    data = from_text_directory(cfg["source"], batch_size=_PIPELINE_BATCH,
+                               validation_split=cfg["validation_split"], seed=cfg["seed"])
+    if data.validation is None:
+        raise ValueError("The search needs validation data: set data.validation_split > 0.")
+    return SearchData(data.train, data.validation, list(data.class_names), (),
+                      sum(data.counts.values()))
