@@ -29,7 +29,7 @@ below the validation accuracy stage 2 starts from (max over seeds, points).
 The last line is `stage2_gain: X`, the new defaults minus stage 1 only in
 mean test accuracy points, the smallest over the tasks.
 
-    python bench/two_stage.py                  # ~15 min on 2 cores
+    python bench/two_stage.py                  # ~60 runs: every format on digits, keras on inverted
     python bench/two_stage.py --seeds 2 --formats keras --tasks digits   # a smoke run
 """
 

@@ -72,7 +72,7 @@ def test_fine_tune_learning_rate_takes_schedules(rate, kind, small_batch):
     if kind == "CosineDecay":  # decays over stage 2: 1 epoch of 4 batches
         assert schedule["config"]["decay_steps"] == 4
         assert schedule["config"]["initial_learning_rate"] == pytest.approx(
-            1e-4 if isinstance(rate, dict) else 1e-3)
+            1e-4 if isinstance(rate, dict) else 1e-2 * 0.03)  # stage 1 times `lr_factor`
 
 
 BAD = [

@@ -45,7 +45,7 @@ Config (YAML; every key optional except `search_space.backbone`):
                    label_smoothing (0), batch_size (32, per replica),
                    head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay
                    (auto: 30x over the backbone | 0-1 | null), lr_factor (0.03),
-                   fine_tune_warmup (1.0 epoch)
+                   fine_tune_warmup (2.0 epochs)
     tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
                    objective: val_accuracy | {name: val_auc, direction: max}
                    (val_/train loss, accuracy, auc, macro_f1,

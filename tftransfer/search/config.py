@@ -183,7 +183,7 @@ KNOBS = {
     "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
     "layerwise_lr_decay": (_decay, "auto", "fcr"),
     "lr_factor": (_num(0, 1, lo_open=True), 0.03, "fcr"),
-    "fine_tune_warmup": (_num(0), 1.0, "fcr"),
+    "fine_tune_warmup": (_num(0), 2.0, "fcr"),
 }
 
 # ------------------------------------------------------------------ sections
