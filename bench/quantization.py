@@ -10,7 +10,7 @@ The last two lines are `int8_size_ratio: X` (int8 file / float32 file) and
 
     python bench/quantization.py [--out runs/bench_quantization]
 
-About 1-2 minutes on 2 CPU cores.
+About 2-8 minutes on 2 shared CPU cores.
 """
 
 import argparse
@@ -75,7 +75,11 @@ def main(argv=None):
     lite_ms = latency_ms(lite, images)
     print(f"batch-1 latency, median of {len(images)}: LiteRT int8 {lite_ms:.3f} ms, "
           f"Keras predict_on_batch {keras_ms:.3f} ms ({keras_ms / lite_ms:.0f}x)")
-    weights = _weight_bytes(reports["int8"]["path"]) / _weight_bytes(base["path"])
+    parts = {mode: _file_parts(r["path"]) for mode, r in reports.items()}
+    print(f"{'bytes of':<9}" + "".join(f"{part:>11}" for part in parts["none"]))
+    for mode, row in parts.items():
+        print(f"{mode:<9}" + "".join(f"{n:>11}" for n in row.values()))
+    weights = parts["int8"]["weights"] / parts["none"]["weights"]
     print(f"int8_weight_bytes_ratio: {weights:.3f}")
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -83,12 +87,24 @@ def main(argv=None):
     print(f"int8_accuracy_drop_pts: {reports['int8']['accuracy_drop_pts']:.2f}")
 
 
-def _weight_bytes(path):
-    """Bytes of the constant buffers (weights) of a .tflite file, without the graph."""
+def _file_parts(path):
+    """Bytes of a .tflite file by part: weights (constant buffers), quantization
+    parameters (4-byte scale and 8-byte zero point per channel or tensor),
+    metadata (model metadata, labels zip) and the graph (the rest: tensor,
+    operator and signature tables, alignment)."""
     from ai_edge_litert import schema_py_generated as schema
 
-    model = schema.Model.GetRootAs(open(path, "rb").read(), 0)
-    return sum(model.Buffers(i).DataLength() for i in range(model.BuffersLength()))
+    content = open(path, "rb").read()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    meta = {entry.buffer for entry in model.metadata or []}
+    data = [0 if b.data is None else len(b.data) for b in model.buffers]
+    quant = [t.quantization for g in model.subgraphs for t in g.tensors if t.quantization]
+    parts = {"weights": sum(n for i, n in enumerate(data) if i not in meta),
+             "quant": sum(4 * len(q.scale if q.scale is not None else [])
+                          + 8 * len(q.zeroPoint if q.zeroPoint is not None else [])
+                          for q in quant),
+             "metadata": sum(data[i] for i in meta) + len(content) - content.rfind(b"PK\x03\x04")}
+    return {**parts, "graph": len(content) - sum(parts.values()), "total": len(content)}
 
 
 if __name__ == "__main__":

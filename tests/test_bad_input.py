@@ -288,6 +288,13 @@ BAD = [
        "holds nan). Received: x=array(shape=(30, 32, 32, 3), dtype=float32)")),
     ("from_arrays_inf", from_arrays(x=lambda x, y: with_nan(x, y, 29, np.inf)),
      E("The first bad image is at index 29 (it holds inf).")),
+    ("from_arrays_bool", from_arrays(x=lambda x, y: (x > 100, y)),
+     E("`x` must hold numeric pixels (uint8, or integers / floats in 0-255). bool masks are not "
+       "images: pass `x.astype('uint8') * 255`. Received: x=array(shape=(30, 32, 32, 3), "
+       "dtype=bool)")),
+    ("from_arrays_uint16", from_arrays(x=lambda x, y: ((x * 257).astype("uint16"), y)),
+     E("`x` must hold integer pixels in 0-255. They span 0 to 65535; for 16-bit images pass "
+       "`(x // 257).astype('uint8')`. Received: x=array(shape=(30, 32, 32, 3), dtype=uint16)")),
 ]
 
 

@@ -106,9 +106,14 @@ def test_unit_range_warning_on_every_form_worded_by_preprocessing(forms):
 
 
 @pytest.mark.parametrize("images, message", [
-    (np.full((1, 32, 32, 3), np.nan), r"NaN or infinite pixels, first in image 0"),
-    (np.full((1, 32, 32, 3), 60000, np.uint16), r"outside 0-255 .*divide|// 257"),
-    (np.ones((1, 32, 32, 3), bool), r"bool masks are not images"),
+    (np.full((1, 32, 32, 3), np.nan), r"^`images` must be finite images \(no NaN or infinity\)\. "
+     r"The first bad image is at index 0 \(it holds nan\)\. "
+     r"Received: images=array\(shape=\(1, 32, 32, 3\), dtype=float64\)$"),
+    (np.full((1, 32, 32, 3), 60000, np.uint16), r"^`images` must hold integer pixels in 0-255\. "
+     r"They span 60000 to 60000; for 16-bit images pass `\(images // 257\)\.astype\('uint8'\)`\. "
+     r"Received: images=array"),
+    (np.ones((1, 32, 32, 3), bool), r"^`images` must hold numeric pixels .*bool masks are not "
+     r"images.*Received: images=array\(shape=\(1, 32, 32, 3\), dtype=bool\)$"),
 ])
 def test_predict_refuses_arrays_it_cannot_read(forms, images, message):
     with pytest.raises(ValueError, match=message):

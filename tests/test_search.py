@@ -15,7 +15,7 @@ from tftransfer.search import config as config_lib
 from tftransfer.search.__main__ import main, overrides, parser
 
 DIGITS = str(SAVED / "digits_cnn.keras")
-CONFIGS = ("quickstart", "image_folder", "tfhub")
+CONFIGS = ("quickstart", "image_folder", "tfhub", "text")
 
 
 def _tiny(**changes):
@@ -65,7 +65,8 @@ def test_former_trainable_key_is_read_as_unfreeze_with_a_warning():
                       "now `search_space.unfreeze`"):
         cfg = validate(_tiny(search_space__trainable="top:2"))
     assert cfg["search_space"]["unfreeze"] == "top:2" and "trainable" not in cfg["search_space"]
-    with pytest.raises(ConfigError, match="no `trainable` next to `unfreeze`"):
+    with pytest.raises(ConfigError, match="`search_space.trainable` must be absent when `unfreeze` "
+                       "is given"):
         validate(_tiny(search_space__trainable="top:2", search_space__unfreeze="all"))
 
 
@@ -100,39 +101,48 @@ def test_round_trip_of_every_knob_form():
 
 INVALID = [
     ("search_space:\n  backbone: a\n  foo: 1\n",
-     "Invalid config at `search_space.foo`: expected one of the keys backbone, unfreeze, "
-     "optimizer, learning_rate, schedule, regularizer_kind, regularizer_strength, dropout, "
+     "`search_space.foo` must be one of the keys backbone, preprocessor, unfreeze, optimizer, "
+     "learning_rate, schedule, regularizer_kind, regularizer_strength, dropout, "
      "hidden_units, label_smoothing, batch_size, head_epochs, fine_tune_epochs, "
-     "layerwise_lr_decay, lr_factor, fine_tune_warmup. Received: 'foo'"),
+     "layerwise_lr_decay, lr_factor, fine_tune_warmup. Received: search_space.foo='foo'"),
     ("search_space:\n  backbone: a\n  batch_size: '32'\n",
-     "Invalid config at `search_space.batch_size`: expected an integer >= 1. Received: '32'"),
+     "`search_space.batch_size` must be an integer >= 1. "
+     "Received: search_space.batch_size='32'"),
     ("search_space:\n  backbone: a\n  optimizer: {choice: []}\n",
-     "Invalid config at `search_space.optimizer.choice`: expected a non-empty list. "
-     "Received: []"),
+     "`search_space.optimizer.choice` must be a non-empty list. "
+     "Received: search_space.optimizer.choice=[]"),
+    ("search_space:\n  backbone: a\n  optimizer: {min: 0.1, max: 0.2}\n",
+     "`search_space.optimizer` must be a value or {choice: [...]}. This knob takes no "
+     "{min, max} range. Received: search_space.optimizer={'min': 0.1, 'max': 0.2}"),
     ("search_space:\n  backbone: a\n  learning_rate: {min: 0.1, max: 0.001}\n",
-     "Invalid config at `search_space.learning_rate.max`: expected a number > min (0.1). "
-     "Received: 0.001"),
+     "`search_space.learning_rate.max` must be a number > min (0.1). "
+     "Received: search_space.learning_rate.max=0.001"),
     ("search_space:\n  backbone: a\n  dropout: {min: 0.0, max: 0.5, sampling: log}\n",
-     "Invalid config at `search_space.dropout.min`: expected a number > 0 for log sampling. "
-     "Received: 0.0"),
+     "`search_space.dropout.min` must be a number > 0 for log sampling. "
+     "Received: search_space.dropout.min=0.0"),
+    ("search_space:\n  backbone: a\n  dropout: {choice: [0.1], step: 2}\n",
+     "`search_space.dropout.step` must be one of the keys choice. "
+     "Received: search_space.dropout.step='step'"),
     ("search_space:\n  backbone: a\n  optimizer: {choice: [adam, adamm]}\n",
-     "Invalid config at `search_space.optimizer.choice[1]`: expected one of 'adadelta'"),
+     "`search_space.optimizer.choice[1]` must be one of 'adadelta'"),
     ("search_space:\n  backbone: a\n  unfreeze: top:x\n",
-     "Invalid config at `search_space.unfreeze`: expected 'none', 'all', 'top:N' (N >= 0) "
-     "or 'fraction:F' (0 <= F <= 1). Received: 'top:x'"),
+     "`search_space.unfreeze` must be 'none', 'all', 'top:N' (N >= 0) "
+     "or 'fraction:F' (0 <= F <= 1). Received: search_space.unfreeze='top:x'"),
     ("search_space:\n  dropout: 0.1\n",
-     "Invalid config at `search_space.backbone`: expected a value (this key is required). "
-     "Received: None"),
+     "`search_space.backbone` must be given (this key is required). "
+     "Received: search_space.backbone=None"),
     ("search_space: {backbone: a}\ntuner: {kind: annealing}\n",
-     "Invalid config at `tuner.kind`: expected one of 'random', 'bayesian', 'hyperband', "
-     "'grid'. Received: 'annealing'"),
+     "`tuner.kind` must be one of 'random', 'bayesian', 'hyperband', "
+     "'grid'. Received: tuner.kind='annealing'"),
     ("search_space: {backbone: a}\nrun: {strategy: tpu}\n",
-     "Invalid config at `run.strategy`: expected one of 'none', 'auto', 'mirrored', "
-     "'multi_worker', 'one_device'. Received: 'tpu'"),
+     "`run.strategy` must be one of 'none', 'auto', 'mirrored', "
+     "'multi_worker', 'one_device'. Received: run.strategy='tpu'"),
     ("search_space: {backbone: a}\ndata: {source: folder, per_class: 5}\n",
-     "Invalid config at `data.per_class`: expected no value unless data.source is 'digits'. "
-     "Received: 5"),
-    ("search_space: [backbone: a\n", "Invalid config at `--config`: expected valid YAML"),
+     "`data.per_class` must be unset unless data.source is 'digits'. Here data.source is "
+     "'folder'. Received: data.per_class=5"),
+    ("- a\n", "`config` must be a mapping with the sections data, search_space, tuner, run. "
+     "Received: config=['a']"),
+    ("search_space: [backbone: a\n", "`--config` must be valid YAML"),
 ]
 
 
@@ -147,7 +157,8 @@ def test_invalid_config_exits_2_with_message_and_writes_nothing(text, message, t
 
 
 def test_validate_raises_config_error():
-    with pytest.raises(ConfigError, match=r"`search_space.dropout`.*Received: 1.5"):
+    with pytest.raises(ConfigError, match=r"^`search_space.dropout` must be a number >= 0 and < 1\. "
+                       r"Received: search_space.dropout=1.5$"):
         validate({"search_space": {"backbone": "a", "dropout": 1.5}})
 
 
@@ -158,7 +169,7 @@ def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys):
     assert main(["--config", path, "--max-trials", "0"]) == 2
     assert main([]) == 2
     assert main(["--config", path, "--workers", "2", "--strategy", "multi_worker"]) == 2
-    assert "Invalid config at `run.strategy`: expected a one-machine strategy with --workers" \
+    assert "`run.strategy` must be a one-machine strategy with --workers" \
         in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["c.yaml"]
 
@@ -276,7 +287,7 @@ def test_missing_data_folder_exits_2_and_writes_nothing(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     path = _write("c.yaml", _tiny())
     assert main(["--config", path, "--data", "no_such_folder"]) == 2
-    assert "Invalid config at `data`: expected data that loads" in capsys.readouterr().err
+    assert "`data` must be data that loads. Loading it fails: " in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["c.yaml"]
 
 

@@ -10,24 +10,26 @@ from tftransfer.search.__main__ import main
 
 REFUSED = [
     ("data: {classes: [5]}\nsearch_space: {backbone: a}\n",
-     "Invalid config at `data.classes`: expected a list of at least 2 distinct digits 0..9 "
-     "(a classifier needs 2 classes). Received: [5]"),
+     "`data.classes` must be a list of at least 2 distinct digits 0..9 "
+     "(a classifier needs 2 classes). Received: data.classes=[5]"),
     ("search_space: {backbone: a, head_epochs: 0, fine_tune_epochs: 0}\n",
-     "Invalid config at `search_space.fine_tune_epochs`: expected an integer > 0 when "
-     "head_epochs is 0 (every trial would train for 0 epochs). Received: 0"),
+     "`search_space.fine_tune_epochs` must be an integer > 0 when "
+     "head_epochs is 0 (every trial would train for 0 epochs). "
+     "Received: search_space.fine_tune_epochs=0"),
     ("search_space:\n  backbone: a\n  head_epochs: {choice: [0]}\n"
      "  fine_tune_epochs: {choice: [0]}\n",
-     "Invalid config at `search_space.fine_tune_epochs`: expected an integer > 0"),
+     "`search_space.fine_tune_epochs` must be an integer > 0"),
     ("search_space:\n  backbone: a\n  dropout: 0.1\n  dropout: 0.2\n",
-     "Invalid config at `--config`: expected each key once per mapping; 'dropout' is written "
-     "on line 3 and again on line 4. Received: 'dropout'"),
+     "`--config` must hold each key once per mapping. 'dropout' is written "
+     "on line 3 and again on line 4. Received: --config='"),
     ("search_space:\n  backbone: a\n  dropout: [0.1\n",
-     "expected valid YAML (line 4, column 1: expected ',' or ']', but got '<stream end>')"),
+     "`--config` must be valid YAML (line 4, column 1: expected ',' or ']', but got '<stream end>')"),
     ("search_space:\n  backbone: a\n   dropout: 0.1\n",
-     "expected valid YAML (line 3, column 11: mapping values are not allowed here)"),
+     "`--config` must be valid YAML (line 3, column 11: mapping values are not allowed here)"),
     ("search_space: {backbone: a, learning_rate: 1e-3}\n",
-     "Invalid config at `search_space.learning_rate`: expected a number > 0 (YAML reads "
-     "'1e-3' as a string, not a number: write 1.0e-3 or 0.001). Received: '1e-3'"),
+     "`search_space.learning_rate` must be a number > 0 (YAML reads "
+     "'1e-3' as a string, not a number: write 1.0e-3 or 0.001). "
+     "Received: search_space.learning_rate='1e-3'"),
 ]
 
 

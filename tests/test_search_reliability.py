@@ -142,7 +142,7 @@ def test_bad_backbone_exits_2_and_writes_nothing(flags, message, tmp_path, monke
     config = _write("c.yaml", _tiny())
     assert main(["--config", config, *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: Invalid config at `search_space.backbone`: expected a backbone "
+    assert err.startswith("error: `search_space.backbone` must be a backbone "
                           "that loads and takes")
     assert message in err
     assert os.listdir(tmp_path) == ["c.yaml"]
@@ -158,7 +158,7 @@ def test_image_size_and_per_class_flags(tmp_path, monkeypatch, capsys):
     assert main(["--config", config, "--image-size", "4"]) == 2
     assert main(["--config", config, "--per-class", "0"]) == 2
     assert main(["--config", config, "--data", "images", "--per-class", "5"]) == 2
-    assert "Invalid config at `data.per_class`: expected no value unless data.source is " \
+    assert "`data.per_class` must be unset unless data.source is " \
         "'digits'" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["c.yaml"]
 
@@ -168,8 +168,9 @@ def test_search_directory_that_is_a_file_exits_2(tmp_path, monkeypatch, capsys):
     config = _write("c.yaml", _tiny())
     pathlib.Path("search").write_text("a user's file")
     assert main(["--config", config]) == 2
-    assert "Invalid config at `run.directory`: expected a directory this process can create " \
-        "and write (FileExistsError: File exists). Received: 'search'" in capsys.readouterr().err
+    assert "`run.directory` must be a directory this process can create and write " \
+        "(FileExistsError: File exists). Received: run.directory='search'" \
+        in capsys.readouterr().err
     assert pathlib.Path("search").read_text() == "a user's file"
 
 

@@ -224,3 +224,35 @@ def test_frozen_embedding_features_are_cached_in_stage_one(tmp_path):
                         feature_cache_dir=str(tmp_path / "features"))
     assert len(history.history["loss"]) == 3
     assert len(calls) >= 1 and os.listdir(tmp_path / "features")
+
+
+def test_preprocessor_needing_text_ops_names_the_package_when_it_is_missing(monkeypatch):
+    from tftransfer import _text_backbones
+
+    def unregistered(*args, **kwargs):
+        raise ValueError("Op type not registered 'CaseFoldUTF8' in binary")
+
+    monkeypatch.setattr(_text_backbones, "_import_text_ops", lambda: False)
+    monkeypatch.setattr(_text_backbones, "HubLayer", unregistered)
+    with pytest.raises(ValueError, match=r"`preprocessor` needs TensorFlow Text ops.*"
+                                         r"pip install tensorflow-text.*Received: preprocessor="):
+        _text_backbones.preprocessor_layer("saved_models/text_bert_preprocess",
+                                           "saved_models/text_bert_encoder")
+
+
+def test_output_dir_run_of_a_text_model_reports_its_worst_texts(tmp_path):
+    from tftransfer import interpret
+
+    data = from_text_directory(TASK, batch_size=32, validation_split=0.25, seed=0)
+    model = build_finetuner(EMBEDDING, num_classes=2, learning_rate=1e-2)
+    fine_tune(model, data, head_epochs=2, fine_tune_epochs=0, verbose=0,
+              output_dir=str(tmp_path / "run"))
+    with open(tmp_path / "run" / "report.html", encoding="utf-8") as f:
+        page = f.read()
+    assert 'id="top-losses"' in page and "<th>text</th>" in page
+    result = interpret(model, data)
+    worst = result.top_losses(3)
+    assert len(worst) == 3 and worst[0]["loss"] >= worst[-1]["loss"]
+    assert isinstance(result.images[worst[0]["index"]], str)
+    with pytest.raises(ValueError, match="`gradcam` needs an image model"):
+        result.gradcam()

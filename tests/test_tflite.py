@@ -14,10 +14,18 @@ from conftest import SAVED
 import tftransfer
 from tftransfer import build_finetuner, export_for_serving
 from tftransfer.datasets import few_shot_split
-from tftransfer.export import VerificationError, read_labels, to_onnx, to_tflite
+from tftransfer.export import (
+    VerificationError,
+    _deploy_source,
+    _tflite_metadata,
+    read_labels,
+    to_onnx,
+    to_tflite,
+)
 from tftransfer.export import __main__ as cli
 from tftransfer.export._litert import LiteRTModel
 from tftransfer.export.onnx import OnnxModel
+from tftransfer.export.tflite import convert
 
 NAMES = ["five", "six", "seven", "eight", "nine"]
 MODES = ("none", "dynamic", "float16", "int8")
@@ -89,6 +97,23 @@ def test_labels_are_inside_the_file_and_beside_it(converted):
     assert open(beside).read().splitlines() == NAMES
     runner = Interpreter(model_content=content).get_signature_runner("serving_default")
     assert runner(images=np.zeros((1, 32, 32, 3), np.float32))["probabilities"].shape == (1, 5)
+
+
+def test_compaction_keeps_signature_labels_and_outputs_bit_identical(model, task, monkeypatch):
+    source = _deploy_source.resolve(model, None)
+    monkeypatch.setattr(_tflite_metadata, "compact", lambda m: m)  # the converter's own file
+    full = convert(source, "int8", np.asarray(task[0][0][:20], np.float32))
+    monkeypatch.undo()
+    small = _tflite_metadata.add_labels(full, NAMES, float_input=True)
+    assert len(small) < len(full) - 1000  # the fused tensor names alone are 1.6 kB
+    x = task[1][0][:20]
+    np.testing.assert_array_equal(LiteRTModel(small)(x), LiteRTModel(full)(x))
+    interpreter = Interpreter(model_content=small)
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": ["images"], "outputs": ["probabilities"]}}
+    names = [d["name"] for d in interpreter.get_tensor_details()]
+    assert sorted(n for n in names if n) == ["images", "probabilities"]
+    assert read_labels(small) == NAMES
 
 
 def test_int8_model_takes_raw_pixels(converted, model, task):
@@ -193,8 +218,8 @@ def test_search_config_export_formats(tmp_path, model, task):
     assert config.validate(space)["run"]["export_formats"] == ["serving"]
     with pytest.raises(config.ConfigError) as caught:
         config.validate({**space, "run": {"export_formats": ["tflite-int4"]}})
-    assert str(caught.value).startswith("Invalid config at `run.export_formats`: expected a "
-                                        "non-empty list of distinct names from ['serving',")
+    assert str(caught.value).startswith("`run.export_formats` must be a non-empty list of "
+                                        "distinct names from ['serving',")
     paths = export_formats(model, tmp_path, ["serving", "tflite-float16"],
                            validation_data=task[1], class_names=NAMES)
     assert paths["serving"] == str(tmp_path / "1")

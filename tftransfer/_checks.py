@@ -48,23 +48,36 @@ def _is_tensor(value):
     return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "numpy")
 
 
-def invalid(argument, allowed, value, detail="", verb="be"):
-    """Builds the package's `ValueError` for a bad argument.
+def message(argument, allowed, value, detail="", verb="be"):
+    """The text of the package's one error format (also `search.ConfigError`'s).
 
     Args:
-        argument: String, the argument's name.
+        argument: String, the argument's name (or a config key path).
         allowed: String, what the argument must be (`"an integer >= 1"`).
         value: The value received.
         detail: Optional sentence between the rule and `Received:`, e.g. the
-            first bad index of an array.
+            first bad index of an array (a final period is added if missing).
         verb: String, the verb after "must". Defaults to `"be"`.
+
+    Returns:
+        `"`argument` must be <allowed>.[ detail] Received: argument=<value>"`.
+    """
+    detail = detail.strip() if detail else ""
+    if detail and not detail.endswith((".", "?", "!")):
+        detail += "."
+    detail = f" {detail}" if detail else ""
+    return f"`{argument}` must {verb} {allowed}.{detail} Received: {argument}={shown(value)}"
+
+
+def invalid(argument, allowed, value, detail="", verb="be"):
+    """Builds the package's `ValueError` for a bad argument.
+
+    Takes the arguments of `message`.
 
     Returns:
         `ValueError("`argument` must be <allowed>.[ detail] Received: argument=<value>")`.
     """
-    detail = f" {detail.strip()}" if detail else ""
-    return ValueError(f"`{argument}` must {verb} {allowed}.{detail} "
-                      f"Received: {argument}={shown(value)}")
+    return ValueError(message(argument, allowed, value, detail, verb))
 
 
 def is_int(value):
@@ -227,7 +240,7 @@ def finetuner_arguments(*, num_classes=None, input_shape=None, dropout=0.0, hidd
 
 
 def fine_tune_arguments(*, model=None, head_epochs=5, fine_tune_epochs=5, unfreeze="all",
-                        fine_tune_learning_rate=None, lr_factor=0.1, layerwise_lr_decay="auto",
+                        fine_tune_learning_rate=None, lr_factor=0.03, layerwise_lr_decay="auto",
                         freeze_batchnorm=None, batch_size=32, shuffle=True, early_stopping=3,
                         overwrite=False, initial_epoch=0, keep_best_stage=True):
     """Checks the numeric arguments of `fine_tune`, and that `unfreeze` selects a layer.

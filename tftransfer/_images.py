@@ -57,20 +57,22 @@ def check_pixels(array, argument, finite=True):
     """
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
                                    or np.issubdtype(array.dtype, np.floating)):
-        raise ValueError(f"`{argument}` must hold numeric pixels (uint8, or integers / floats in "
-                         "0-255); bool masks are not images (use `x.astype('uint8') * 255`). "
-                         f"Received: {argument}=array(dtype={array.dtype})")
+        raise invalid(argument, "numeric pixels (uint8, or integers / floats in 0-255)", array,
+                      f"bool masks are not images: pass `{argument}.astype('uint8') * 255`.",
+                      verb="hold")
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8 and array.size \
             and (array.min() < 0 or array.max() > 255):
-        raise ValueError(f"`{argument}` holds integer pixels outside 0-255 ({array.min()} to "
-                         f"{array.max()}); for 16-bit images pass `(x // 257).astype('uint8')`. "
-                         f"Received: {argument}=array(dtype={array.dtype})")
+        raise invalid(argument, "integer pixels in 0-255", array,
+                      f"They span {array.min()} to {array.max()}; for 16-bit images pass "
+                      f"`({argument} // 257).astype('uint8')`.", verb="hold")
     if finite and np.issubdtype(array.dtype, np.floating):
         ok = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-        if not ok.all():
-            raise ValueError(f"`{argument}` holds NaN or infinite pixels, first in image "
-                             f"{int(np.argmin(ok))}. Received: {argument}=array(shape="
-                             f"{array.shape}, dtype={array.dtype})")
+        if not ok.all():  # worded as `_checks.check_batch` words it
+            first = int(np.argmin(ok))
+            row = array[first].reshape(-1)
+            raise invalid(argument, "finite images (no NaN or infinity)", array,
+                          f"The first bad image is at index {first} "
+                          f"(it holds {row[~np.isfinite(row)][0]}).")
     return array
 
 

@@ -15,7 +15,7 @@ default recipe therefore starts low and warms up:
 
 Example:
 
->>> rate = stage2_rate(model, None, lr_factor=0.1, warmup=1.0,
+>>> rate = stage2_rate(model, None, lr_factor=0.03, warmup=2.0,
 ...                    steps_per_epoch=5, epochs=10)
 >>> type(rate).__name__
 'WarmupSchedule'

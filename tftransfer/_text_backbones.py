@@ -104,8 +104,17 @@ def preprocessor_layer(preprocessor, handle):
         )
     if isinstance(preprocessor, keras.layers.Layer):
         return preprocessor
-    _import_text_ops()
-    layer = HubLayer(preprocessor, name="preprocessing")
+    have_text_ops = _import_text_ops()
+    try:
+        layer = HubLayer(preprocessor, name="preprocessing")
+    except Exception as error:
+        if have_text_ops or "not registered" not in str(error):
+            raise
+        raise ValueError(
+            f"`preprocessor` needs TensorFlow Text ops, and `tensorflow_text` is not installed: "
+            f"`pip install tensorflow-text` (the same version as tensorflow), here and wherever "
+            f"the model is reloaded. Received: preprocessor={preprocessor!r}"
+        ) from error
     if input_kind(layer) != "string":
         raise ValueError(
             f"`preprocessor` must map a batch of strings to {', '.join(BERT_INPUTS)}; the "
@@ -120,12 +129,16 @@ def _import_text_ops():
 
     Preprocessors written with plain TF ops load without it; one that needs its
     ops fails to load with TensorFlow's "Op type not registered" error, which
-    `HubLayer` reports; installing `tensorflow-text` fixes that.
+    `_preprocessor` turns into an error naming `preprocessor` and the package.
+
+    Returns:
+        Whether `tensorflow_text` could be imported.
     """
     try:
         import tensorflow_text  # noqa: F401 -- imported for its op registrations
     except ImportError:
-        pass
+        return False
+    return True
 
 
 def _bert_specs(layer, preprocessing):

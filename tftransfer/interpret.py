@@ -115,9 +115,17 @@ class Interpretation:
                  for t, p in zip(*np.nonzero(matrix)) if t != p and matrix[t, p] >= min_count]
         return sorted(pairs, key=lambda pair: -pair[2])
 
+    @property
+    def is_text(self):
+        """Whether the inputs are texts (no heat maps then)."""
+        return self.images.dtype == object
+
     def gradcam(self, indices=None, layer=None):
         """`gradcam` of some of the images (default: the top 9 losses), for
         their predicted class."""
+        if self.is_text:
+            raise ValueError("`gradcam` needs an image model; this interpretation holds texts "
+                             "(use `top_losses` to read them). Received: text inputs")
         if indices is None:
             indices = [row["index"] for row in self.top_losses(9)]
         indices = np.asarray(indices, np.int64)
@@ -152,19 +160,26 @@ def _load(data, model, batch_size):
     if isinstance(data, (str, os.PathLike)):
         return _from_folder(os.fspath(data), model)
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = np.asarray(data[0], np.float32), np.asarray(data[1]).reshape(-1)
-        return x, y, None, None
+        return _inputs(np.asarray(data[0])), np.asarray(data[1]).reshape(-1), None, None
     names = None
     if hasattr(data, "class_names") and hasattr(data, "train"):  # ImageData
         names = data.class_names
         data = data.validation if data.validation is not None else data.train
     if isinstance(data, tf.data.Dataset):
         batches = [(np.asarray(b[0]), np.asarray(b[1]).reshape(-1)) for b in data]
-        return (np.concatenate([b[0] for b in batches]).astype(np.float32),
+        return (_inputs(np.concatenate([b[0] for b in batches])),
                 np.concatenate([b[1] for b in batches]), None, names)
     raise ValueError("`data` must be a folder of class subfolders, a tuple (x, y), a batched "
                      f"tf.data.Dataset or an ImageData. Received: data of type "
                      f"{type(data).__name__}")
+
+
+def _inputs(x):
+    """Images as float32 pixels; texts (strings or bytes) kept as an object array of str."""
+    if x.dtype.kind in "OSU":
+        return np.asarray([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                           for v in x.reshape(-1)], dtype=object)
+    return x.astype(np.float32)
 
 
 def _from_folder(root, model):

@@ -106,6 +106,10 @@ def _final_metrics(history):
 
 def _top_losses_section(result, k):
     rows = result.top_losses(k)
+    if result.is_text:  # a text model: the texts themselves, shortened, instead of pictures
+        cells = [(r["index"], _snippet(result.images[r["index"]]), r["label"], r["predicted"],
+                  r["score"], r["loss"]) for r in rows]
+        return table(["index", "text", "true", "predicted", "score", "loss"], cells, "top-losses")
     picture = _image(png_data(lambda buf: result.plot_top_losses(buf, k=k)),
                      "top losses with Grad-CAM")
     files = any(r["path"] for r in rows)  # a folder's rows name their files
@@ -113,6 +117,11 @@ def _top_losses_section(result, k):
               r["score"], r["loss"]) for r in rows]
     headers = ["index", *(["file"] if files else []), "true", "predicted", "score", "loss"]
     return picture + table(headers, cells, "top-losses")
+
+
+def _snippet(text, limit=160):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def run_report(model, history, validation, class_names=None, top_k=9, title=None):

@@ -39,8 +39,8 @@ from tftransfer.model import FineTuner
 
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
-              unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.1,
-              fine_tune_warmup=1.0, layerwise_lr_decay="auto", freeze_batchnorm=None, class_weight=None,
+              unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.03,
+              fine_tune_warmup=2.0, layerwise_lr_decay="auto", freeze_batchnorm=None, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -66,11 +66,11 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             `decay_steps` decays over stage 2. Defaults to the stage-1 rate
             times `lr_factor`.
         lr_factor: Float in (0, 1], stage 2's rate as a fraction of stage
-            1's. Defaults to `0.1`.
+            1's. Defaults to `0.03` (see `docs/stage2.md`).
         fine_tune_warmup: Float >= 0, epochs over which a float stage-2
             rate ramps up linearly from nearly 0 (`optim.WarmupSchedule`; 0
             turns it off; a schedule passed as `fine_tune_learning_rate` is
-            used as it is). Defaults to `1.0`.
+            used as it is). Defaults to `2.0`.
         layerwise_lr_decay: `"auto"`, a float in (0, 1] or None: the k-th
             trainable backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.

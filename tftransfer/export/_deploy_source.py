@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer import tasks
 from tftransfer.export import _contract
 
 SIGNATURE = _contract.DEFAULT_SIGNATURE
@@ -56,8 +57,8 @@ def _keras_source(model, class_names):
     shape = tuple(model.input_shape[1:])
     n = int(model.output_shape[-1])
     info = model_info(model)
-    task = info.get("task") or _infer_task(model)
-    names = list(class_names or info.get("class_names") or [str(i) for i in range(n)])
+    task = tasks.task_of(model)
+    names = list(class_names or info.get("class_names") or tasks.default_class_names(n))
     key = PRIMARY[task]
     spec = tf.TensorSpec((None, *shape), tf.float32, name=_contract.IMAGES_INPUT)
 
@@ -73,11 +74,6 @@ def _keras_source(model, class_names):
         return np.asarray(model.predict_on_batch(np.asarray(images, np.float32)), np.float32)
 
     return Source(call, shape, names, task, write)
-
-
-def _infer_task(model):
-    name = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
-    return {"softmax": "classification", "sigmoid": "multi_label"}.get(name, "regression")
 
 
 def _export_source(path, class_names):

@@ -48,7 +48,7 @@ def add_labels(flatbuffer, class_names, *, float_input, channels=3, name="tftran
         channels: 3 (RGB) or 1 (grayscale); other counts get no color space.
         name: The model name in the metadata.
     """
-    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    model = compact(schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0))
     meta = _model_metadata(name, float_input, channels)
     model.buffers.append(_buffer(meta))
     entry = schema.MetadataT()
@@ -61,6 +61,48 @@ def add_labels(flatbuffer, class_names, *, float_input, channels=3, name="tftran
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(LABELS_NAME, "\n".join(class_names) + "\n")
     return out.getvalue()
+
+
+def compact(model):
+    """Drops what the interpreter never reads from a `schema.ModelT`, in place.
+
+    What TF's `flatbuffer_utils.strip_strings` drops (the model description,
+    subgraph names, tensor names; the converter's fused names such as
+    `finetuner_1/backbone_1/relu1_1/Relu;...;bn1_1/batchnorm/sub` take 1.6 kB,
+    5% of a small int8 model), except the signature defs, which
+    `get_signature_runner`, `tftransfer.predict` and MediaPipe read: they are
+    kept, and the signature's input and output tensors are named after their
+    keys (`images`, `probabilities`). The empty buffers of activation tensors
+    are merged into buffer 0 (the schema's "no data" buffer). Weights,
+    quantization and operators are untouched: the outputs are bit-identical.
+    """
+    model.description = None
+    for subgraph in model.subgraphs:
+        subgraph.name = None
+        for tensor in subgraph.tensors:
+            tensor.name = None
+    for signature in model.signatureDefs or []:
+        for entry in (signature.inputs or []) + (signature.outputs or []):
+            model.subgraphs[signature.subgraphIndex].tensors[entry.tensorIndex].name = entry.name
+    _drop_empty_buffers(model)
+    return model
+
+
+def _drop_empty_buffers(model):
+    keep = sorted({0} | {m.buffer for m in model.metadata or []}
+                  | {t.buffer for g in model.subgraphs for t in g.tensors
+                     if _has_data(model.buffers[t.buffer])})
+    index = {old: new for new, old in enumerate(keep)}
+    for tensor in (t for g in model.subgraphs for t in g.tensors):
+        tensor.buffer = index.get(tensor.buffer, 0)
+    for entry in model.metadata or []:
+        entry.buffer = index[entry.buffer]
+    model.buffers = [model.buffers[old] for old in keep]
+
+
+def _has_data(buffer):
+    # `offset` is set instead of `data` in models over 2 GB (data after the flatbuffer).
+    return bool(buffer.offset) or (buffer.data is not None and len(buffer.data) > 0)
 
 
 def read_labels(content):

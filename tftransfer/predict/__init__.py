@@ -198,7 +198,7 @@ class _Predictor:
             return outputs[key]
 
         warn = _range_warning(path, meta.get("preprocessing"))
-        predictor = cls(call, specs[_contract.IMAGES_INPUT].shape[1:], names, task, warn)
+        predictor = cls(call, specs[name].shape[1:], names, task, warn)
         predictor.loaded = loaded  # keeps the SavedModel's variables alive
         return predictor
 

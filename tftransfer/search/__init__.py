@@ -21,7 +21,9 @@ by the first trial and read by the others) and `export/<version>/` (TF
 Serving). Rerunning the same command resumes, also after a kill (state
 files are renamed into place); a changed config or other data is refused
 unless `--overwrite`, and a directory another search is using is refused
-(exit 2, `LockedError` naming its PID). Each backbone choice is loaded on
+(exit 2, `LockedError` naming its PID). A config that cannot run exits 2 with
+a `ConfigError` in the package's one error format, naming the key path:
+"`run.strategy` must be one of 'none', ... Received: run.strategy='tpu'". Each backbone choice is loaded on
 the configured image size before anything is written. Each trial is seeded
 from `tuner.seed` and its values, so the same config gives the same scores.
 
@@ -42,8 +44,8 @@ Config (YAML; every key optional except `search_space.backbone`):
                    dropout (0), hidden_units ([] ; choices are lists),
                    label_smoothing (0), batch_size (32, per replica),
                    head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay
-                   (auto: 30x over the backbone | 0-1 | null), lr_factor (0.1),
-                   fine_tune_warmup (1.0 epoch)
+                   (auto: 30x over the backbone | 0-1 | null), lr_factor (0.03),
+                   fine_tune_warmup (2.0 epochs)
     tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
                    objective: val_accuracy | {name: val_auc, direction: max}
                    (val_/train loss, accuracy, auc, macro_f1,

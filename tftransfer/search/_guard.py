@@ -91,9 +91,8 @@ def check_backbones(cfg):
                 f"{shape[0]}x{shape[1]}x{shape[2]} images "
                 "(data.image_size x data.channels; --image-size sets the size)")
             raise ConfigError(
-                "search_space.backbone",
-                f"a backbone that loads and takes {takes}. It fails with "
-                f"{type(e).__name__}: {reason}", name) from None
+                "search_space.backbone", f"a backbone that loads and takes {takes}", name,
+                detail=f"It fails with {type(e).__name__}: {reason}") from None
         finally:
             keras.backend.clear_session()
 

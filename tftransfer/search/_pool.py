@@ -195,7 +195,7 @@ class TrialPool:
         if event is None:
             raise WorkerError(f"Before loading the data, {self._worker.close()}.")
         if event["event"] == "error":
-            raise config_lib.ConfigError("data", "data that loads", event["message"])
+            raise config_lib.data_error(self.cfg["data"], event["message"])
 
     def check_backbones(self):
         """Has the first worker load each backbone choice on the data's shape.

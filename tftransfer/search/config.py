@@ -1,7 +1,11 @@
 """The search configuration: YAML in, a validated plain dict out.
 
 Every section is checked before any trial runs; a problem raises
-`ConfigError` naming the key path, what is allowed and what was received.
+`ConfigError` in the package's one error format, naming the key path, what is
+allowed and what was received::
+
+    `search_space.dropout` must be a number >= 0 and < 1. Received: search_space.dropout=1.5
+
 A validated config is a fixed point: `validate(yaml.safe_load(yaml.safe_dump(
 cfg))) == cfg`, so it can be stored next to the results and compared on
 resume.
@@ -18,7 +22,7 @@ import warnings
 
 import yaml
 
-from tftransfer import _names
+from tftransfer import _checks, _names  # neither imports TensorFlow
 
 # The names `tftransfer.optim` and `build_finetuner` accept, from the module that
 # holds them without Keras, so that a config is checked quickly.
@@ -34,12 +38,26 @@ INT_RANGE_KEYS = ("int_min", "int_max", "step")
 
 
 class ConfigError(ValueError):
-    """A search configuration that cannot run; the message names the key."""
+    """A search configuration that cannot run, worded as `_checks.invalid` words
+    argument errors: "`key.path` must be <allowed>.[ detail] Received: key.path=<value>".
 
-    def __init__(self, path, expected, received):
+    Args:
+        path: String, the dotted key path (or `--config` for the file itself).
+        allowed: String, what the key must be.
+        received: The value found.
+        detail: Optional sentence before `Received:` (why, or what else to do).
+        verb: String, the verb after "must". Defaults to `"be"`.
+    """
+
+    def __init__(self, path, allowed, received, detail="", verb="be"):
         self.path = path
-        super().__init__(f"Invalid config at `{path}`: expected {expected}. "
-                         f"Received: {received!r}")
+        super().__init__(_checks.message(path, allowed, received, detail, verb))
+
+
+def data_error(data, reason):
+    """The ConfigError for a `data` section whose data does not load."""
+    reason = " ".join(str(reason).split())
+    return ConfigError("data", "data that loads", data, detail=f"Loading it fails: {reason}")
 
 
 # ------------------------------------------------------------ value checkers
@@ -164,8 +182,8 @@ KNOBS = {
     "head_epochs": (_num(0, integer=True), 5, "fci"),
     "fine_tune_epochs": (_num(0, integer=True), 3, "fci"),
     "layerwise_lr_decay": (_decay, "auto", "fcr"),
-    "lr_factor": (_num(0, 1, lo_open=True), 0.1, "fcr"),
-    "fine_tune_warmup": (_num(0), 1.0, "fcr"),
+    "lr_factor": (_num(0, 1, lo_open=True), 0.03, "fcr"),
+    "fine_tune_warmup": (_num(0), 2.0, "fcr"),
 }
 
 # ------------------------------------------------------------------ sections
@@ -288,8 +306,8 @@ def _data(raw):
     digits = data["source"] == "digits"
     for key in ("classes", "per_class"):
         if data[key] is not None and not digits:
-            raise ConfigError(f"data.{key}", "no value unless data.source is 'digits'",
-                              data[key])
+            raise ConfigError(f"data.{key}", "unset unless data.source is 'digits'",
+                              data[key], detail=f"Here data.source is {data['source']!r}.")
     if digits:
         data["classes"] = data["classes"] or [5, 6, 7, 8, 9]
     data["image_size"] = data["image_size"] or ([32, 32] if digits else [224, 224])
@@ -312,32 +330,39 @@ def _knob(name, raw):
             return _range(path, raw, check, forms)
         if "int_min" in raw or "int_max" in raw:
             return _int_range(path, raw, forms)
-        raise ConfigError(path, "a value, {choice: [...]}, {min, max, sampling, step} "
-                          "or {int_min, int_max, step}", raw)
+        raise ConfigError(path, _forms(forms), raw)
     if "f" not in forms:
-        raise ConfigError(path, "a {choice: [...]}", raw)
+        raise ConfigError(path, _forms(forms), raw)
     return check(path, raw)
 
 
+_FORMS = {"f": "a value", "c": "{choice: [...]}", "r": "{min, max, sampling, step}",
+          "i": "{int_min, int_max, step}"}
+
+
+def _forms(forms):
+    """What a knob may be written as, from its forms ("fcr" -> "a value, {choice...} or ...")."""
+    texts = [_FORMS[f] for f in forms]
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " or " + texts[-1]
+
+
 def _choice(path, raw, check, forms):
-    extra = set(raw) - {"choice"}
-    if extra:
-        raise ConfigError(f"{path}.{sorted(extra)[0]}", "only the key 'choice'",
-                          sorted(extra)[0])
+    _no_unknown(path, raw, ("choice",))
     values = raw["choice"]
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{path}.choice", "a non-empty list", values)
     out = [check(f"{path}.choice[{i}]", v) for i, v in enumerate(values)]
     if None in out:
-        raise ConfigError(f"{path}.choice", "no null entry (fix the value instead)", values)
+        raise ConfigError(f"{path}.choice", "a list without null entries (fix the value instead)",
+                          values)
     if len({repr(v) for v in out}) != len(out):
-        raise ConfigError(f"{path}.choice", "distinct values", values)
+        raise ConfigError(f"{path}.choice", "a list of distinct values", values)
     return {"choice": out}
 
 
 def _range(path, raw, check, forms):
     if "r" not in forms:
-        raise ConfigError(path, "no {min, max} range for this knob", raw)
+        raise ConfigError(path, _forms(forms), raw, detail="This knob takes no {min, max} range.")
     _keys(path, raw, RANGE_KEYS, ("min", "max"))
     if path.endswith(".unfreeze"):
         check = _num(0, 1)  # fraction:F
@@ -357,7 +382,8 @@ def _range(path, raw, check, forms):
 
 def _int_range(path, raw, forms):
     if "i" not in forms:
-        raise ConfigError(path, "no {int_min, int_max} range for this knob", raw)
+        raise ConfigError(path, _forms(forms), raw,
+                          detail="This knob takes no {int_min, int_max} range.")
     _keys(path, raw, INT_RANGE_KEYS, ("int_min", "int_max"))
     lo = _num(0, integer=True)(f"{path}.int_min", raw["int_min"])
     hi = _num(integer=True)(f"{path}.int_max", raw["int_max"])
@@ -371,7 +397,7 @@ def _keys(path, raw, allowed, required):
     _no_unknown(path, raw, allowed)
     for key in required:
         if key not in raw:
-            raise ConfigError(f"{path}.{key}", "a value (this key is required)", None)
+            raise ConfigError(f"{path}.{key}", "given (this key is required)", None)
 
 
 def _search_space(raw):
@@ -380,7 +406,7 @@ def _search_space(raw):
     raw = _renamed_unfreeze(raw)
     _no_unknown("search_space", raw, KNOBS)
     if "backbone" not in raw:
-        raise ConfigError("search_space.backbone", "a value (this key is required)", None)
+        raise ConfigError("search_space.backbone", "given (this key is required)", None)
     space = {name: _knob(name, raw[name]) if name in raw else copy.deepcopy(default)
              for name, (_, default, _) in KNOBS.items()}
     if _largest(space["head_epochs"]) + _largest(space["fine_tune_epochs"]) == 0:
@@ -402,8 +428,8 @@ def _renamed_unfreeze(raw):
     if "trainable" not in raw:
         return raw
     if "unfreeze" in raw:
-        raise ConfigError("search_space.trainable", "no `trainable` next to `unfreeze` (its "
-                          "former name); keep `unfreeze` only", raw["trainable"])
+        raise ConfigError("search_space.trainable", "absent when `unfreeze` is given (it is "
+                          "`unfreeze`'s former name); keep `unfreeze` only", raw["trainable"])
     warnings.warn("`search_space.trainable` is deprecated: it is now `search_space.unfreeze` "
                   "(what stage 2 of each trial unfreezes). Rename the key; the value is used "
                   "as `unfreeze`.", DeprecationWarning, stacklevel=4)
@@ -426,7 +452,8 @@ def validate(raw):
         ConfigError: On unknown keys, wrong types, empty choices, bad ranges.
     """
     if not isinstance(raw, dict):
-        raise ConfigError("<top>", "a mapping with data, search_space, tuner, run", raw)
+        raise ConfigError("config", "a mapping with the sections data, search_space, tuner, run",
+                          raw)
     _no_unknown("", raw, ("data", "search_space", "tuner", "run"))
     return {
         "data": _data(raw.get("data")),
@@ -449,8 +476,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # an unhashable key: the schema check reports it
             if key in seen:
                 raise ConfigError(
-                    "--config", f"each key once per mapping; {key!r} is written on line "
-                    f"{seen[key]} and again on line {line}", key)
+                    "--config", "each key once per mapping", self.name, verb="hold",
+                    detail=f"{key!r} is written on line {seen[key]} and again on line {line}.")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

@@ -58,7 +58,7 @@ def parse_objective(value):
         unknown = sorted(set(value) - {"name", "direction"})
         if unknown or "name" not in value:
             raise ValueError(f"a metric name or {{name: <metric>, direction: max|min}}; "
-                             f"unknown keys {unknown}" if unknown else "a `name` key")
+                             f"unknown keys {unknown}" if unknown else "a mapping with a `name` key")
         name, direction = value["name"], value.get("direction")
     else:
         name, direction = value, None

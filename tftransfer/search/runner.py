@@ -354,7 +354,7 @@ def load_data(cfg):
     try:
         return sources.load(cfg["data"])
     except (ValueError, OSError) as e:
-        raise config_lib.ConfigError("data", "data that loads", str(e)) from e
+        raise config_lib.data_error(cfg["data"], e) from e
 
 
 def prepare_directory(cfg, overwrite=False):
