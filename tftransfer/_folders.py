@@ -151,14 +151,14 @@ def listing_warning(bad, excluded, where="ImageData.skipped") -> str | None:
 class ReadCheck:
     """Names the files of one split that fail to decode, by the end of its first full pass.
 
-    Upstream of any cache, :meth:`drop_unreadable` drops the elements whose
-    file fails to decode (``ignore_errors``): every pass delivers each
-    readable image once and nothing else, so the split's number of batches is
-    unknown to ``tf.data`` (Keras counts them in the first epoch). The
-    pipeline's per-batch step (``_pipeline``) calls :meth:`record` with each
-    batch's file indices, in order, and :meth:`finish` once a pass has
-    delivered its last batch, which reports the files never read (once: a
-    warning, ``ImageData.skipped`` and the training ``ImageData.counts``).
+    Upstream of any cache, :meth:`fill` drops the elements whose file fails
+    to decode (``ignore_errors``) and tops each pass up to the split's length
+    with second copies of the split's readable images (taken from its start),
+    so that Keras knows the steps of an epoch. The pipeline's per-batch step
+    (``_pipeline``) calls :meth:`record` with each batch's file indices, in
+    order, and :meth:`finish` on the last batch of a pass, which reports the
+    files never read (once: a warning, ``ImageData.skipped`` and the
+    training ``ImageData.counts``).
 
     Args:
         paths: All listed paths (the elements carry indices into it).
@@ -171,11 +171,12 @@ class ReadCheck:
         self.paths, self.labels, self.split, self.name = paths, labels, np.asarray(split), name
         self.seen, self.done, self.data = np.zeros(len(paths), bool), False, None
 
-    @staticmethod
-    def drop_unreadable(ds: tf.data.Dataset) -> tf.data.Dataset:
-        """Loaded elements -> the readable ones (the others are named by
-        :meth:`finish`); the number of elements becomes unknown."""
-        return ds.ignore_errors()
+    def fill(self, ds: tf.data.Dataset, spare: tf.data.Dataset) -> tf.data.Dataset:
+        """Loaded elements -> the readable ones, topped up from ``spare`` (the
+        split's elements, loaded in order) to the split's size."""
+        size = len(self.split)
+        ds = ds.ignore_errors().concatenate(spare.ignore_errors().repeat()).take(size)
+        return ds.apply(tf.data.experimental.assert_cardinality(size))  # (empty repeat ends)
 
     def record(self, index):
         """Marks a batch of file indices as read."""

@@ -1,6 +1,6 @@
 """The ``tf.data`` pipeline of one split: load in parallel, cache, batch, report.
 
-    elements -> [rows] -> [shuffle] -> load (parallel) -> [drop unreadable]
+    elements -> [rows] -> [shuffle] -> load (parallel) -> [drop unreadable, top up]
       -> [file cache -> shuffle] -> batch -> [bookkeeping] -> float32 [-> augment]
       -> prefetch
 
@@ -21,12 +21,8 @@ heap allocation per image, and glibc's malloc left 1.8-2.4 GB resident for
 only used when the number of elements is unknown.
 
 The bookkeeping step runs once per batch, in order: it writes the batch into
-the array cache, marks its files as read for a ``_folders.ReadCheck``, and at
-the end of a full pass reports the unread files and marks the cache full. The
-end of a pass is its last batch when the number of batches is known; with a
-``ReadCheck`` (files that fail to decode are dropped, so the number is
-unknown) it is an element-less step after the last batch, which runs when a
-consumer reads the pass to its end (Keras does in an epoch of unknown length).
+the array cache, marks its files as read for a ``_folders.ReadCheck``, and on
+the last batch of a pass reports the unread files and marks the cache full.
 
 The pipelines run with ``tf.data``'s model-based autotuner off
 (:func:`steady`): the parallel steps use one call per schedulable core. On
@@ -52,9 +48,10 @@ class ArrayCache:
 
     Rows are the elements' positions in the unshuffled split, so a pass that
     is abandoned and a new one write the same image to the same row. After a
-    full pass, :meth:`read` serves batches of the rows that were written, each
-    once (files that failed to decode have none, and no batch), in a new
-    seeded permutation each pass when shuffling.
+    full pass, :meth:`read` serves batches of the rows that were written (files
+    that failed to decode have none), topped up to the split's size with
+    repeats of written rows, in a new seeded permutation each pass when
+    shuffling.
 
     Args:
         size: Number of elements (rows) of the split.
@@ -70,9 +67,7 @@ class ArrayCache:
 
     @property
     def steps(self) -> int:
-        """Batches of a pass: of the written rows once full, else of all rows."""
-        rows = int(self.written.sum()) if self.full else self.size
-        return -(-rows // self.batch_size)
+        return -(-self.size // self.batch_size)
 
     def write(self, rows, columns):
         """Stores a batch of ``columns`` (arrays with a first axis of rows); the
@@ -89,13 +84,13 @@ class ArrayCache:
         """Batch ``step`` of a read pass (step 0 draws the pass's order)."""
         if step == 0 or self.order is None:
             rows = np.flatnonzero(self.written)
+            rows = np.resize(rows, self.size) if 0 < len(rows) < self.size else rows
             self.order = self.rng.permutation(rows) if self.shuffle else rows
         rows = self.order[step * self.batch_size:(step + 1) * self.batch_size]
         return [column[rows] for column in self.columns]
 
-    def reader(self, element_spec, steps) -> tf.data.Dataset:
-        """``steps`` (an int or a scalar tensor) batches of the stored rows,
-        with ``element_spec`` (batched)."""
+    def reader(self, element_spec) -> tf.data.Dataset:
+        """Batches of the stored rows, with ``element_spec`` (batched)."""
         dtypes = [tf.uint8] + [s.dtype for s in element_spec[1:]]
 
         def read(step):
@@ -103,7 +98,7 @@ class ArrayCache:
             columns[0] = tf.cast(columns[0], element_spec[0].dtype)
             return tuple(tf.ensure_shape(c, s.shape) for c, s in zip(columns, element_spec))
 
-        return tf.data.Dataset.range(steps).map(_plain(read))
+        return tf.data.Dataset.range(self.steps).map(_plain(read))
 
 
 def _pages(shape) -> np.ndarray:
@@ -156,24 +151,19 @@ def _to_float(layers, images, labels, *_):
 
 
 def _bookkeeping(batches, array, check, steps):
-    """The per-batch step, in order: array writes, files read, end of a pass
-    (its last batch, or after it when ``steps`` is unknown, -2).
+    """The per-batch step, in order: array writes, files read, end of a pass.
     Python sees the whole batch only while it fills the array, else the indices."""
-
-    def finish():  # a full pass: every element went by
-        if check is not None:
-            check.finish()
-        if array is not None:
-            array.full = True
-        return np.True_
 
     def keep(step, columns, index):
         if array is not None and not array.full:
             array.write(columns[-1], columns)
         if check is not None:
             check.record(index)
-        if step == steps - 1:
-            finish()
+        if step == steps - 1:  # the last batch of a full pass: every element went by
+            if check is not None:
+                check.finish()
+            if array is not None:
+                array.full = True
         return np.True_
 
     def step_fn(step, batch):
@@ -186,18 +176,7 @@ def _bookkeeping(batches, array, check, steps):
         with tf.control_dependencies([done]):
             return tuple(tf.identity(t) for t in batch)
 
-    kept = batches.enumerate().map(_plain(step_fn))
-    if steps >= 0:
-        return kept
-
-    def end(_):  # an empty batch, never delivered: only its side effect counts
-        done = tf.numpy_function(finish, [], tf.bool, stateful=True)
-        with tf.control_dependencies([done]):
-            return tuple(tf.zeros([0, *s.shape[1:]], s.dtype) for s in batches.element_spec)
-
-    ender = tf.data.Dataset.range(1).map(_plain(end)).filter(
-        _plain(lambda *_: tf.constant(False)))
-    return kept.concatenate(ender)
+    return batches.enumerate().map(_plain(step_fn))
 
 
 def split_pipeline(elements, load, *, count, batch_size, shuffle, seed, cache,
@@ -228,8 +207,8 @@ def split_pipeline(elements, load, *, count, batch_size, shuffle, seed, cache,
     # Indices shuffle in full; images (streams) in a bounded buffer.
     ds = elements.shuffle(size, seed=seed, reshuffle_each_iteration=True) if shuffle else elements
     ds = ds.map(load, num_parallel_calls=AUTOTUNE)
-    if check is not None:  # the number of elements becomes unknown
-        ds = check.drop_unreadable(ds)
+    if check is not None:
+        ds = check.fill(ds, elements.map(load))
     if cache is not None and array is None:  # a file, or memory for an unknown count
         ds = ds.cache(cache)
         if shuffle:
@@ -239,18 +218,16 @@ def split_pipeline(elements, load, *, count, batch_size, shuffle, seed, cache,
         steps = int(ds.cardinality())
         ds = _bookkeeping(ds if array is None else ds.prefetch(1), array, check, steps)
     if array is not None:
-        fill, spec = ds, ds.element_spec
+        fill, read = ds, array.reader(ds.element_spec)
 
         def this_pass(_):  # decided when each pass starts: fill the array, or read it
-            full, steps = tf.numpy_function(lambda: (np.bool_(array.full), np.int64(array.steps)),
-                                            [], (tf.bool, tf.int64), stateful=True)
+            full = tf.numpy_function(lambda: np.bool_(array.full), [], tf.bool, stateful=True)
             every, none = tf.constant(-1, tf.int64), tf.constant(0, tf.int64)
             return fill.take(tf.where(full, none, every)).concatenate(
-                array.reader(spec, tf.where(full, steps, none)))
+                read.take(tf.where(full, every, none)))
 
         ds = tf.data.Dataset.range(1).flat_map(_plain(this_pass))
-        if check is None:  # nothing is dropped: every pass has the split's batches
-            ds = ds.apply(tf.data.experimental.assert_cardinality(array.steps))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(array.steps))
     # Batches that need no augmenting take one cheap step (a cast): no parallel buffers.
     ds = ds.map(_plain(lambda *batch: _to_float(layers, *batch)),
                 num_parallel_calls=AUTOTUNE if layers else None)

@@ -37,10 +37,8 @@ class ImageData:
         skipped: Files left out (``from_directory``): those the listing
             finds not to be images, then, by the end of the first pass over
             each split, those that failed to decode while reading.
-        counts: ``{class_name: images}`` of the training split, or ``None``.
-            For a folder, the listed images until the first pass over the
-            training split ends; then files that failed to decode are taken
-            out (``class_weight="balanced"`` uses the listed counts).
+        counts: ``{class_name: images}`` of the training split, or ``None``
+            (files that fail to decode are taken out after the first pass).
         augmented: Whether ``train`` is augmented (a frozen-feature cache is
             only valid when it is not).
         cache: Where resized images are cached: ``"memory"`` (as uint8), a
