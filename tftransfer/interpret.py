@@ -245,6 +245,12 @@ def gradcam(model, images, *, layer=None, class_index=None):
         maps, classes = _saliency(model, images, class_index)
         return {"heatmaps": maps, "class_index": classes, "method": "saliency", "layer": None}
     maps, classes = _gradcam(model, name, images, class_index)
+    if maps is None:  # the layer's recorded output is not on this backbone's own path
+        if layer is not None:
+            raise ValueError(f"`layer` must feed this backbone's output; {layer!r} belongs to "
+                             f"another graph of a nested model. Received: layer={layer!r}")
+        maps, classes = _saliency(model, images, class_index)
+        return {"heatmaps": maps, "class_index": classes, "method": "saliency", "layer": None}
     return {"heatmaps": maps, "class_index": classes, "method": "gradcam", "layer": name}
 
 
@@ -281,6 +287,8 @@ def _gradcam(model, name, images, class_index):
         classes = _classes(class_index, scores)
         chosen = tf.gather(scores, classes, axis=1, batch_dims=1)
     grads = tape.gradient(chosen, maps)
+    if grads is None:
+        return None, classes
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0]
