@@ -71,7 +71,7 @@ def test_resumed_inside_stage_two_skips_stage_one(few_shot, monkeypatch):
     moved = {path.split("/")[-2] for path in changed(before, weights_of(backbone))}
     assert moved == {"conv3"}  # what stage 2 unfreezes, nothing else
     assert changed(head_before, weights_of(head))
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)  # stage-2 rate
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-2 * 0.03)  # stage-2 rate
 
 
 @pytest.mark.parametrize("value", [-1, 5, 1.0, True, None])

@@ -53,10 +53,10 @@ def test_stage_two_unfreezes_and_lowers_learning_rate(few_shot):
     backbone = model.backbone
     before = weights_of(backbone)
     history = fine_tune(model, train, val, head_epochs=1, fine_tune_epochs=1, unfreeze="top:1",
-                        verbose=0)
+                        fine_tune_warmup=0.0, verbose=0)
     moved = {path.split("/")[-2] for path in changed(before, weights_of(backbone))}
     assert moved == {"conv3"}
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-2 * 0.03)  # lr_factor
     assert history.stages == {"head": (0, 1), "fine_tune": (1, 2)}
     assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
 
