@@ -17,9 +17,13 @@ import argparse
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,7 +34,6 @@ from tftransfer.export import to_tflite  # noqa: E402
 from tftransfer.export._deploy_check import latency_ms  # noqa: E402
 from tftransfer.export._litert import LiteRTModel  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("none", "dynamic", "float16", "int8")
 NAMES = ["five", "six", "seven", "eight", "nine"]
 
@@ -89,7 +92,8 @@ def main(argv=None):
 
 def _file_parts(path):
     """Bytes of a .tflite file by part: weights (constant buffers), quantization
-    parameters (4-byte scale and 8-byte zero point per channel or tensor),
+    parameters (4-byte scale and 8-byte zero point per channel or tensor, each
+    distinct array counted once, as it is stored),
     metadata (model metadata, labels zip) and the graph (the rest: tensor,
     operator and signature tables, alignment)."""
     from ai_edge_litert import schema_py_generated as schema
@@ -99,10 +103,10 @@ def _file_parts(path):
     meta = {entry.buffer for entry in model.metadata or []}
     data = [0 if b.data is None else len(b.data) for b in model.buffers]
     quant = [t.quantization for g in model.subgraphs for t in g.tensors if t.quantization]
+    arrays = {(a.dtype.str, a.tobytes()) for q in quant for a in (q.scale, q.zeroPoint)
+              if a is not None}  # each distinct array is stored once (SharingBuilder)
     parts = {"weights": sum(n for i, n in enumerate(data) if i not in meta),
-             "quant": sum(4 * len(q.scale if q.scale is not None else [])
-                          + 8 * len(q.zeroPoint if q.zeroPoint is not None else [])
-                          for q in quant),
+             "quant": sum(len(raw) for _, raw in arrays),
              "metadata": sum(data[i] for i in meta) + len(content) - content.rfind(b"PK\x03\x04")}
     return {**parts, "graph": len(content) - sum(parts.values()), "total": len(content)}
 

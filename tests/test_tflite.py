@@ -116,6 +116,31 @@ def test_compaction_keeps_signature_labels_and_outputs_bit_identical(model, task
     assert read_labels(small) == NAMES
 
 
+def test_shared_arrays_shrink_int8_and_weights_stay_16_byte_aligned(converted, task):
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    content = open(converted["int8"]["path"], "rb").read()
+    end = content.rfind(b"PK\x03\x04")  # the labels zip after the flatbuffer
+    tree = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    packed = {}
+    for kind in (flatbuffers.Builder, _tflite_metadata.SharingBuilder):
+        builder = kind(1024)
+        builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+        packed[kind] = bytes(builder.Output())
+    shared = packed[_tflite_metadata.SharingBuilder]
+    assert len(shared) == end  # what to_tflite published
+    # 234 per-channel zero points of 8 bytes, mostly identical vectors of zeros
+    assert len(shared) < len(packed[flatbuffers.Builder]) - 1000
+    x = task[1][0][:20]
+    np.testing.assert_array_equal(LiteRTModel(content)(x), LiteRTModel(
+        packed[flatbuffers.Builder] + content[end:])(x))
+    root = schema.Model.GetRootAs(shared, 0)
+    starts = [root.Buffers(i)._tab.Vector(root.Buffers(i)._tab.Offset(4))
+              for i in range(root.BuffersLength()) if root.Buffers(i).DataLength()]
+    assert len(starts) > 5 and all(start % 16 == 0 for start in starts)
+
+
 def test_int8_model_takes_raw_pixels(converted, model, task):
     lite = LiteRTModel(converted["int8"]["path"])
     assert lite.input_shape == (32, 32, 3) and lite.class_names == NAMES

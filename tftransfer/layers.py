@@ -90,6 +90,16 @@ def _variables_of(obj, fn):
     return trainable, [v for v in unique if id(v) not in chosen]
 
 
+def _in_batchnorm(variables):
+    """Per variable, whether it belongs to a BatchNorm: a variable in the same
+    scope as moving statistics (`bn1/gamma` beside `bn1/moving_mean`)."""
+    def scope(v):
+        return v.name.rsplit("__", 1)[0] if "__" in v.name else ""
+    moving = {scope(v) for v in variables if not v.trainable
+              and v.name.rsplit("__", 1)[-1].startswith(("moving_mean", "moving_variance"))}
+    return [scope(v) in moving for v in variables]
+
+
 def _keras_name(variable):
     return variable.name.split(":")[0].replace("/", "__")
 
@@ -201,7 +211,7 @@ class HubLayer(keras.layers.Layer):
         self.output_key = output_key
         self.input_key = input_key
         self.tags = list(tags) if tags is not None else None
-        self.freeze_batchnorm = bool(freeze_batchnorm)
+        self._freeze_batchnorm = bool(freeze_batchnorm)
         self._shapes_config = _plain_shapes(output_shape)
         self._shapes = None if output_shape is None else _tensor_shapes(self._shapes_config)
         self._load()
@@ -285,9 +295,9 @@ class HubLayer(keras.layers.Layer):
         variables = [keras.Variable(v, trainable=any(v is t for t in trainable),
                                     name=_keras_name(v)) for v in trainable + non_trainable]
         self.hub_variables = variables  # a list set as an attribute: Keras tracks each variable
-        if not self.trainable:  # as `add_weight` does in a frozen layer, once tracked
-            for v in variables:
-                v.trainable = False
+        self._publisher_trainable = [v.trainable for v in variables]
+        self._in_batchnorm = _in_batchnorm(variables)
+        self._sync_variables()
         if self.trainable and not trainable:
             warnings.warn(
                 f"HubLayer is trainable but has zero trainable weights: the SavedModel at "
@@ -295,6 +305,45 @@ class HubLayer(keras.layers.Layer):
                 "variables; re-export those after `tf.compat.v1.enable_resource_variables()`).",
                 stacklevel=4,
             )
+
+    # ------------------------------------------------------------ training
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        keras.layers.Layer.trainable.fset(self, value)
+        self._sync_variables()
+
+    @property
+    def freeze_batchnorm(self):
+        """Call the SavedModel with `training=False` and keep its BatchNorm
+        scale and offset fixed, as a frozen Keras `BatchNormalization` does."""
+        return self._freeze_batchnorm
+
+    @freeze_batchnorm.setter
+    def freeze_batchnorm(self, value):
+        self._freeze_batchnorm = bool(value)
+        self._sync_variables()
+
+    def _sync_variables(self):
+        """Which variables train: those the publisher marked trainable, while the
+        layer is, except BatchNorm's gamma and beta under `freeze_batchnorm`."""
+        variables = getattr(self, "hub_variables", None)
+        if variables is None:  # Layer.__init__ sets `trainable` before loading
+            return
+        for v, publisher, batchnorm in zip(variables, self._publisher_trainable,
+                                           self._in_batchnorm):
+            v.trainable = publisher and self.trainable and not (
+                batchnorm and self._freeze_batchnorm)
+
+    @property
+    def batchnorm_weights(self):
+        """The variables of the SavedModel's BatchNormalization layers (scale,
+        offset and moving statistics: those in the scope of a `moving_mean`)."""
+        return [v for v, batchnorm in zip(self.hub_variables, self._in_batchnorm) if batchnorm]
 
     @property
     def resolved_object(self):

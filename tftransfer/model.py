@@ -222,37 +222,47 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         A `HubLayer` counts as one layer per group of variables (`conv1__kernel`
         and `conv1__bias` form `conv1`), in the SavedModel's order, taken as
         bottom to top. With `decay="auto"`, the rates span `AUTO_LR_RANGE`
-        (30x) from the head to the bottom layer of the whole backbone
-        (BatchNormalization aside), whatever the depth:
-        `decay = (1 / 30) ** (1 / layers)`; with `"top:N"` only the top N
-        train, at the rates of their depth.
+        (30x) from the head to the bottom layer of the whole backbone,
+        whatever the depth: `decay = (1 / 30) ** (1 / layers)`, where a
+        BatchNormalization (a Keras layer, or a `HubLayer` group beside moving
+        statistics) is not a layer of its own but learns at the rate of the
+        layer it normalizes; with `"top:N"` only the top N train, at the rates
+        of their depth.
         """
         groups = self._depth_groups()
         if isinstance(decay, str):  # "auto"
-            depth = len(self._depth_groups(trainable_only=False))
+            depth = sum(1 for _, batchnorm in self._depth_groups(trainable_only=False)
+                        if not batchnorm)
             decay = (1.0 / AUTO_LR_RANGE) ** (1.0 / max(1, depth))
+        # A BatchNormalization takes the depth of the layer it normalizes (the one below).
+        levels, level = [], 0
+        for _, batchnorm in groups:
+            level += 0 if batchnorm and level else 1
+            levels.append(level)
         multipliers = {}
-        for depth, keys in enumerate(reversed(groups), start=1):
+        for (keys, _), level in zip(groups, levels):
             for key in keys:
-                multipliers[key] = float(decay) ** depth
+                multipliers[key] = float(decay) ** (level and levels[-1] - level + 1)
         return multipliers
 
     def _depth_groups(self, trainable_only=True):
-        """Lists of `"<layer>/<variable>"` keys of the trainable backbone (or of
-        all of it, BatchNormalization aside), bottom to top."""
+        """`(keys, is_batchnorm)` per layer of the trainable backbone (or of all
+        of it), bottom to top; keys are `"<layer>/<variable>"`."""
         groups = []
         for layer in freezing.leaf_layers(self._backbone):
-            weights = layer.trainable_weights if trainable_only else (
-                [] if isinstance(layer, keras.layers.BatchNormalization) else layer.weights)
+            weights = layer.trainable_weights if trainable_only else layer.weights
             if not weights:
                 continue
             if not isinstance(layer, HubLayer):
-                groups.append([f"{layer.name}/{v.name}" for v in weights])
+                groups.append(([f"{layer.name}/{v.name}" for v in weights],
+                               isinstance(layer, keras.layers.BatchNormalization)))
                 continue
+            batchnorm = {id(v) for v in layer.batchnorm_weights}
             by_prefix = {}
             for v in weights:
                 prefix = re.split(r"__|/", v.name)[0]  # conv1__kernel -> conv1
-                by_prefix.setdefault(prefix, []).append(f"{layer.name}/{v.name}")
+                keys, _ = by_prefix.setdefault(prefix, ([], id(v) in batchnorm))
+                keys.append(f"{layer.name}/{v.name}")
             groups += list(by_prefix.values())
         return groups
 

@@ -54,13 +54,47 @@ def add_labels(flatbuffer, class_names, *, float_input, channels=3, name="tftran
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
     model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME] + [entry]
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder = SharingBuilder(len(flatbuffer) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=MODEL_IDENTIFIER)
     out = io.BytesIO(bytes(builder.Output()))
     out.seek(0, io.SEEK_END)
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(LABELS_NAME, "\n".join(class_names) + "\n")
     return out.getvalue()
+
+
+class SharingBuilder(flatbuffers.Builder):
+    """A `flatbuffers.Builder` that writes each distinct array once.
+
+    The schema classes pack every tensor's quantization parameters, shape and
+    operator indices as arrays of their own; identical ones (the all-zero int64
+    zero points of a weight and its bias, a shape several tensors share) are
+    written once and referenced from every table that holds them, as
+    `Builder.CreateSharedString` does for strings. Flatbuffers allows any number
+    of references to one vector; readers see the same values. Byte arrays (the
+    buffers of weights) start on 16-byte boundaries, as the converter writes
+    them, so kernels can read them in place.
+    """
+
+    BUFFER_ALIGNMENT = 16
+
+    def __init__(self, initial_size=1024):
+        super().__init__(initial_size)
+        self._arrays = {}
+
+    def CreateNumpyVector(self, x):  # noqa: N802 (flatbuffers' name)
+        key = (x.dtype.str, x.shape, x.tobytes())
+        if key not in self._arrays:
+            self._arrays[key] = (self._byte_vector(x) if x.dtype == "uint8"
+                                 else super().CreateNumpyVector(x))
+        return self._arrays[key]
+
+    def _byte_vector(self, x):
+        payload = x.tobytes()
+        self.StartVector(1, len(payload), self.BUFFER_ALIGNMENT)
+        self.head -= len(payload)
+        self.Bytes[self.head:self.head + len(payload)] = payload
+        return self.EndVector()
 
 
 def compact(model):
