@@ -54,6 +54,22 @@ def test_default_stage2_does_not_collapse(few_shot, stage1_weights):
     assert old_after < stage1_end - 0.2, (stage1_end, old_after)
 
 
+def test_early_stopping_waits_for_the_end_of_the_warmup(few_shot, stage1_weights):
+    # A rate 30x stage 1's makes the validation loss rise from the first unfrozen epoch;
+    # patience 1 would stop after epoch 2, but the 2 warmup epochs are not watched.
+    model = build_finetuner(DIGITS, num_classes=5, dropout=0.2, learning_rate=1e-2)
+    model.set_weights(stage1_weights)
+    keras.utils.set_random_seed(0)
+    history = fine_tune(model, *few_shot, head_epochs=0, fine_tune_epochs=8, batch_size=10,
+                        early_stopping=1, fine_tune_learning_rate=0.3, fine_tune_warmup=2.0,
+                        keep_best_stage=False, verbose=0)
+    losses = history.history["val_loss"]
+    assert len(losses) >= 2 + 1 + 1, losses  # warmup, the first watched epoch, patience
+    # the weights kept are those of the best watched epoch, not of a warmup epoch
+    kept = model.evaluate(*few_shot[1], verbose=0, return_dict=True)["loss"]
+    assert kept == pytest.approx(min(losses[2:]), rel=1e-3), (kept, losses)
+
+
 SCHEDULES = [
     ({"class_name": "cosine", "config": {"learning_rate": 1e-4}}, "CosineDecay"),
     ("cosine", "CosineDecay"),

@@ -17,6 +17,7 @@ Example:
 
 import contextlib
 import dataclasses
+import math
 import warnings
 
 import keras
@@ -30,6 +31,7 @@ from tftransfer import (
     _run_state,
     _stage2_rate,
     distribute,
+    optim,
     report_html,
     reports,
 )
@@ -91,7 +93,8 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             keyed by the backbone's weights and preprocessing and by each
             image, and read back instead of running the backbone again.
         early_stopping: Integer patience of EarlyStopping (best weights
-            restored), or None to turn it off. Defaults to `3`.
+            restored), or None to turn it off. In stage 2 it watches from
+            the end of `fine_tune_warmup`. Defaults to `3`.
         callbacks: Optional list of more Keras callbacks (both stages).
         output_dir: Optional directory for the final `model.keras` (the
             restored best weights), backups (a killed run resumes), logs and
@@ -262,8 +265,11 @@ def _stage2(model, data, base_lr, start, state, settings):
     model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay)
     done = max(0, settings.initial_epoch - settings.head_epochs)  # stage-2 epochs run before
     end = start + settings.fine_tune_epochs - done
+    # Early stopping counts from the end of the warmup: while the rate ramps up, the
+    # validation loss of a backbone being unfrozen is expected to rise before it falls.
+    warm = math.ceil(settings.fine_tune_warmup) if isinstance(lr, optim.WarmupSchedule) else 0
     return _fit(model, data.train, data.validation, data.class_weight, (start, end), state,
-                "stage2", settings).history
+                "stage2", settings, patience_from=start - done + warm).history
 
 
 def _plain(rate):
@@ -310,11 +316,14 @@ def _strategy_scope(model):
     return strategy.scope()
 
 
-def _fit(model, train, validation, class_weight, epochs, state, stage, settings):
+def _fit(model, train, validation, class_weight, epochs, state, stage, settings,
+         patience_from=0):
     """`model.fit` over epochs `[start, end)` of `stage`, guarded against NaN losses,
-    from the stage's last good backup when a killed run left one."""
+    from the stage's last good backup when a killed run left one; early stopping
+    watches from epoch `patience_from`."""
     guard = NaNGuard()
-    callbacks = [guard] + _callbacks(state, stage, validation is not None, settings)
+    callbacks = [guard] + _callbacks(state, stage, validation is not None, settings,
+                                     patience_from)
     if not model.optimizer.built:  # Built while tracing, it would make Keras trace twice.
         model.optimizer.build(model.trainable_variables)
     start = epochs[0]
@@ -330,12 +339,13 @@ def _fit(model, train, validation, class_weight, epochs, state, stage, settings)
     return history
 
 
-def _callbacks(state, stage, has_validation, settings):
+def _callbacks(state, stage, has_validation, settings, patience_from=0):
     monitor = "val_loss" if has_validation else "loss"
     result = []
     if settings.early_stopping:
         result.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=settings.early_stopping, restore_best_weights=True))
+            monitor=monitor, patience=settings.early_stopping, restore_best_weights=True,
+            start_from_epoch=patience_from))
     if state.directory:
         result += [
             _backup.EpochBackup(state.path("backup", stage)),
