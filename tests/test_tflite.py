@@ -245,6 +245,14 @@ def test_search_config_export_formats(tmp_path, model, task):
         config.validate({**space, "run": {"export_formats": ["tflite-int4"]}})
     assert str(caught.value).startswith("`run.export_formats` must be a non-empty list of "
                                         "distinct names from ['serving',")
+    # the spelling `export: {formats: [...]}` is the same setting, given once
+    both = config.validate({**space, "export": {"formats": ["serving", "onnx"]}})
+    assert both["run"]["export_formats"] == ["serving", "onnx"]
+    with pytest.raises(config.ConfigError, match=r"^`export.formats` must be given once"):
+        config.validate({**space, "export": {"formats": ["onnx"]},
+                         "run": {"export_formats": ["serving"]}})
+    with pytest.raises(config.ConfigError, match=r"^`export.format` must be one of the keys"):
+        config.validate({**space, "export": {"format": ["onnx"]}})
     paths = export_formats(model, tmp_path, ["serving", "tflite-float16"],
                            validation_data=task[1], class_names=NAMES)
     assert paths["serving"] == str(tmp_path / "1")

@@ -454,13 +454,29 @@ def validate(raw):
     if not isinstance(raw, dict):
         raise ConfigError("config", "a mapping with the sections data, search_space, tuner, run",
                           raw)
-    _no_unknown("", raw, ("data", "search_space", "tuner", "run"))
+    _no_unknown("", raw, ("data", "search_space", "tuner", "run", "export"))
     return {
         "data": _data(raw.get("data")),
         "search_space": _search_space(raw.get("search_space")),
         "tuner": _section("tuner", raw.get("tuner"), TUNER),
-        "run": _section("run", raw.get("run"), RUN),
+        "run": _export(raw.get("export"), raw.get("run"),
+                       _section("run", raw.get("run"), RUN)),
     }
+
+
+def _export(raw, raw_run, run):
+    """`export: {formats: [...]}`, the other spelling of `run.export_formats`."""
+    if raw is None:
+        return run
+    if not isinstance(raw, dict):
+        raise ConfigError("export", "a mapping with the key formats", raw)
+    _no_unknown("export", raw, ("formats",))
+    if "formats" in raw:
+        if isinstance(raw_run, dict) and "export_formats" in raw_run:
+            raise ConfigError("export.formats", "given once (it is run.export_formats, "
+                              "which is given too)", raw["formats"])
+        run["export_formats"] = _export_formats("export.formats", raw["formats"])
+    return run
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
