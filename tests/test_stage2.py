@@ -70,6 +70,48 @@ def test_early_stopping_waits_for_the_end_of_the_warmup(few_shot, stage1_weights
     assert kept == pytest.approx(min(losses[2:]), rel=1e-3), (kept, losses)
 
 
+@pytest.mark.parametrize("early_stopping", [None, 1])
+def test_stage2_validates_and_keeps_the_weight_average(few_shot, stage1_weights,
+                                                      early_stopping):
+    # What the history reports for an epoch is what the model holds: the average
+    # (Keras `use_ema` + `SwapEMAWeights`), after the last epoch or restored from the best.
+    model = build_finetuner(DIGITS, num_classes=5, dropout=0.2, learning_rate=1e-2)
+    model.set_weights(stage1_weights)
+    keras.utils.set_random_seed(0)
+    history = fine_tune(model, *few_shot, head_epochs=0, fine_tune_epochs=6, batch_size=10,
+                        fine_tune_ema=2.0, fine_tune_learning_rate=3e-3, fine_tune_warmup=0.0,
+                        early_stopping=early_stopping, keep_best_stage=False, verbose=0)
+    assert model.optimizer.use_ema and model.optimizer.ema_momentum == pytest.approx(0.9)
+    losses = history.history["val_loss"]
+    kept = model.evaluate(*few_shot[1], verbose=0, return_dict=True)["loss"]
+    assert kept == pytest.approx(losses[-1] if early_stopping is None else min(losses),
+                                 rel=1e-4), (kept, losses)
+    if early_stopping is None:  # the same steps without the average end elsewhere
+        plain = build_finetuner(DIGITS, num_classes=5, dropout=0.2, learning_rate=1e-2)
+        plain.set_weights(stage1_weights)
+        keras.utils.set_random_seed(0)
+        fine_tune(plain, *few_shot, head_epochs=0, fine_tune_epochs=6, batch_size=10,
+                  fine_tune_ema=0, fine_tune_learning_rate=3e-3, fine_tune_warmup=0.0,
+                  early_stopping=None, keep_best_stage=False, verbose=0)
+        assert not plain.optimizer.use_ema
+        assert not np.allclose(plain.backbone.weights[0], model.backbone.weights[0])
+
+
+def test_fine_tune_ema_momentum_and_bad_values():
+    from tftransfer import _stage2_rate
+
+    assert _stage2_rate.ema_momentum("auto", 5, 10) == pytest.approx(0.95)  # 4 epochs of 5 steps
+    assert _stage2_rate.ema_momentum(1.0, 100, 10) == pytest.approx(0.99)
+    assert _stage2_rate.ema_momentum(0, 5, 10) is None
+    assert _stage2_rate.ema_momentum(None, 5, 10) is None
+    with pytest.warns(UserWarning, match="weight average"):
+        assert _stage2_rate.ema_momentum("auto", None, 10) is None
+    for bad in (-1.0, float("nan"), "always", True):
+        with pytest.raises(ValueError, match=r"^`fine_tune_ema` must be a finite float >= 0 "
+                           r"\(epochs\), \"auto\" or None\. Received: fine_tune_ema="):
+            _stage2_rate.check_ema(bad)
+
+
 SCHEDULES = [
     ({"class_name": "cosine", "config": {"learning_rate": 1e-4}}, "CosineDecay"),
     ("cosine", "CosineDecay"),

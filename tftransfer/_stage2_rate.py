@@ -27,7 +27,7 @@ import warnings
 import keras
 
 from tftransfer import optim
-from tftransfer._checks import check_float
+from tftransfer._checks import check_float, invalid, is_real
 
 _SCHEDULE = keras.optimizers.schedules.LearningRateSchedule
 # Schedules whose `decay_steps` is the length of the decay: stage 2 by default.
@@ -52,6 +52,38 @@ def check_rate(rate):
 def check_warmup(warmup):
     """Checks `fine_tune_warmup`: a float >= 0, epochs of stage 2."""
     return check_float(warmup, "fine_tune_warmup", low=0.0)
+
+
+# `fine_tune_ema="auto"`: the average spans this fraction of stage 2's epochs.
+AUTO_EMA_FRACTION = 0.4
+
+
+def check_ema(ema):
+    """Checks `fine_tune_ema`: `"auto"`, None, or a float >= 0 of epochs."""
+    if (isinstance(ema, str) and ema == "auto") or ema is None:
+        return ema
+    if not (is_real(ema) and math.isfinite(ema) and ema >= 0):
+        raise invalid("fine_tune_ema", 'a finite float >= 0 (epochs), "auto" or None', ema)
+    return float(ema)
+
+
+def ema_momentum(ema, steps_per_epoch, epochs):
+    """The per-step momentum of stage 2's weight average, or None for none.
+
+    An exponential moving average with momentum `m` weighs the last
+    `1 / (1 - m)` steps most; `ema` gives that span in epochs (`"auto"`: 40%
+    of stage 2), so it means the same whatever the batch count.
+    """
+    span = AUTO_EMA_FRACTION * epochs if isinstance(ema, str) else ema
+    if not span or not epochs:
+        return None
+    if not steps_per_epoch:
+        warnings.warn("The number of training batches is unknown, so stage 2 runs without "
+                      "its weight average (`fine_tune_ema`). Give the dataset a known "
+                      "cardinality (`dataset.apply(tf.data.experimental.assert_cardinality(n))`).",
+                      stacklevel=4)
+        return None
+    return max(0.0, 1.0 - 1.0 / (span * steps_per_epoch))
 
 
 def stage2_rate(model, rate, lr_factor, warmup, steps_per_epoch, epochs):

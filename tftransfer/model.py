@@ -193,7 +193,8 @@ class FineTuner(MultiWorkerSteps, keras.Model):
             return keras.saving.deserialize_keras_object(rate)
         return optim.get_schedule(rate)
 
-    def stage_optimizer(self, learning_rate=None, *, layerwise_lr_decay=None):
+    def stage_optimizer(self, learning_rate=None, *, layerwise_lr_decay=None,
+                        ema_momentum=None):
         """A fresh optimizer of the recipe's kind.
 
         Args:
@@ -202,6 +203,9 @@ class FineTuner(MultiWorkerSteps, keras.Model):
                 backbone layer from the top learns at `rate * decay**k`, the
                 head at `rate`; `"auto"` spreads the backbone's rates over
                 30x (see `layerwise_multipliers`).
+            ema_momentum: Optional float in [0, 1): keep an exponential moving
+                average of the weights (Keras's `use_ema`), updated each step
+                with this momentum.
 
         Returns:
             A `keras.optimizers.Optimizer` (serializable with its rates).
@@ -210,10 +214,12 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         multipliers = None
         if layerwise_lr_decay is not None and layerwise_lr_decay != 1:
             multipliers = self.layerwise_multipliers(layerwise_lr_decay)
+        options = dict(self._recipe.get("optimizer_options") or {})
+        if ema_momentum is not None:
+            options.update(use_ema=True, ema_momentum=float(ema_momentum))
         return optim.make_optimizer(self._recipe.get("optimizer", "adam"), rate,
                                     weight_decay=self._recipe.get("weight_decay"),
-                                    options=self._recipe.get("optimizer_options"),
-                                    lr_multipliers=multipliers)
+                                    options=options, lr_multipliers=multipliers)
 
     def layerwise_multipliers(self, decay):
         """`{"<layer>/<variable>": decay**k}` for the trainable backbone layers,
@@ -299,7 +305,7 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def compile_stage(self, learning_rate=None, *, layerwise_lr_decay=None):
+    def compile_stage(self, learning_rate=None, *, layerwise_lr_decay=None, ema_momentum=None):
         """Recompiles with a fresh optimizer for a training stage.
 
         The loss and metrics stay as compiled (metrics are made anew); the
@@ -308,9 +314,10 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         Args:
             learning_rate: Float or schedule; defaults to the base rate.
             layerwise_lr_decay: Optional float in (0, 1] (see `stage_optimizer`).
+            ema_momentum: Optional float in [0, 1) (see `stage_optimizer`).
         """
-        self._compile_like(self, self.stage_optimizer(learning_rate,
-                                                      layerwise_lr_decay=layerwise_lr_decay))
+        self._compile_like(self, self.stage_optimizer(
+            learning_rate, layerwise_lr_decay=layerwise_lr_decay, ema_momentum=ema_momentum))
 
     def head_model(self, learning_rate=None):
         """The head as a compiled model on backbone features (sharing its weights).

@@ -42,7 +42,8 @@ from tftransfer.model import FineTuner
 
 def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=5,
               unfreeze="all", fine_tune_learning_rate=None, lr_factor=0.03,
-              fine_tune_warmup=2.0, layerwise_lr_decay="auto", freeze_batchnorm=None, class_weight=None,
+              fine_tune_warmup=2.0, layerwise_lr_decay="auto", fine_tune_ema="auto",
+              freeze_batchnorm=None, class_weight=None,
               batch_size=32, shuffle=True, cache_features="auto", early_stopping=3,
               callbacks=None, output_dir=None, overwrite=False, verbose="auto",
               initial_epoch=0, feature_cache_dir=None, keep_best_stage=True):
@@ -73,6 +74,11 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
             rate ramps up linearly from nearly 0 (`optim.WarmupSchedule`; 0
             turns it off; a schedule passed as `fine_tune_learning_rate` is
             used as it is). Defaults to `2.0`.
+        fine_tune_ema: Stage 2 keeps an exponential moving average of the
+            weights (Keras's `use_ema`) spanning about this many epochs;
+            validation, early stopping and the final model use the average
+            (`keras.callbacks.SwapEMAWeights`). `"auto"`: 40% of
+            `fine_tune_epochs`; 0 or None turns it off. Defaults to `"auto"`.
         layerwise_lr_decay: `"auto"`, a float in (0, 1] or None: the k-th
             trainable backbone layer counted from the top learns at
             `rate * decay**k` (fastai's `slice(lo, hi)`); the head at `rate`.
@@ -139,12 +145,13 @@ def fine_tune(model, train, validation=None, *, head_epochs=5, fine_tune_epochs=
         overwrite=overwrite, initial_epoch=initial_epoch, keep_best_stage=keep_best_stage)
     _stage2_rate.check_rate(fine_tune_learning_rate)
     _stage2_rate.check_warmup(fine_tune_warmup)
+    _stage2_rate.check_ema(fine_tune_ema)
     _checks.fine_tune_data(model, train, validation, class_weight)
     settings = _Settings(
         head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, unfreeze=unfreeze,
         fine_tune_learning_rate=fine_tune_learning_rate, lr_factor=lr_factor,
         fine_tune_warmup=fine_tune_warmup, layerwise_lr_decay=layerwise_lr_decay,
-        freeze_batchnorm=freeze_batchnorm,
+        fine_tune_ema=fine_tune_ema, freeze_batchnorm=freeze_batchnorm,
         batch_size=batch_size, class_weight=class_weight, keep_best_stage=keep_best_stage,
         initial_epoch=initial_epoch, cache_features=cache_features,
         feature_cache_dir=feature_cache_dir, early_stopping=early_stopping,
@@ -179,6 +186,7 @@ class _Settings:
     lr_factor: float
     fine_tune_warmup: float
     layerwise_lr_decay: object
+    fine_tune_ema: object
     freeze_batchnorm: bool
     batch_size: int
     class_weight: object
@@ -198,6 +206,7 @@ class _Settings:
                 self.fine_tune_learning_rate), "lr_factor": self.lr_factor,
             "fine_tune_warmup": self.fine_tune_warmup,
             "layerwise_lr_decay": self.layerwise_lr_decay,
+            "fine_tune_ema": self.fine_tune_ema,
             "batch_size": self.batch_size, "class_weight": self.class_weight,
             "keep_best_stage": self.keep_best_stage, **_model_key(model),
         }
@@ -261,15 +270,18 @@ def _stage2(model, data, base_lr, start, state, settings):
     lr = _stage2_rate.stage2_rate(model, settings.fine_tune_learning_rate, settings.lr_factor,
                                   settings.fine_tune_warmup, _feature_cache.batches(data.train),
                                   settings.fine_tune_epochs)
+    ema = _stage2_rate.ema_momentum(settings.fine_tune_ema, _feature_cache.batches(data.train),
+                                    settings.fine_tune_epochs)
     model.freeze(settings.unfreeze, freeze_batchnorm=settings.freeze_batchnorm)
-    model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay)
+    model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay, ema_momentum=ema)
     done = max(0, settings.initial_epoch - settings.head_epochs)  # stage-2 epochs run before
     end = start + settings.fine_tune_epochs - done
     # Early stopping counts from the end of the warmup: while the rate ramps up, the
     # validation loss of a backbone being unfrozen is expected to rise before it falls.
     warm = math.ceil(settings.fine_tune_warmup) if isinstance(lr, optim.WarmupSchedule) else 0
     return _fit(model, data.train, data.validation, data.class_weight, (start, end), state,
-                "stage2", settings, patience_from=start - done + warm).history
+                "stage2", settings, patience_from=start - done + warm,
+                averaged=ema is not None).history
 
 
 def _plain(rate):
@@ -317,13 +329,14 @@ def _strategy_scope(model):
 
 
 def _fit(model, train, validation, class_weight, epochs, state, stage, settings,
-         patience_from=0):
+         patience_from=0, averaged=False):
     """`model.fit` over epochs `[start, end)` of `stage`, guarded against NaN losses,
     from the stage's last good backup when a killed run left one; early stopping
-    watches from epoch `patience_from`."""
+    watches from epoch `patience_from`; with `averaged`, the optimizer's weight
+    average is what is validated and kept."""
     guard = NaNGuard()
     callbacks = [guard] + _callbacks(state, stage, validation is not None, settings,
-                                     patience_from)
+                                     patience_from, averaged)
     if not model.optimizer.built:  # Built while tracing, it would make Keras trace twice.
         model.optimizer.build(model.trainable_variables)
     start = epochs[0]
@@ -339,16 +352,23 @@ def _fit(model, train, validation, class_weight, epochs, state, stage, settings,
     return history
 
 
-def _callbacks(state, stage, has_validation, settings, patience_from=0):
+def _callbacks(state, stage, has_validation, settings, patience_from=0, averaged=False):
+    """The stage's callbacks, in the order they must run at each epoch's end:
+    the backup (trained weights and optimizer state, so a resumed run goes on as
+    the uninterrupted one), the swap to the averaged weights, then whatever
+    judges or keeps the model (early stopping, logs, the user's callbacks)."""
     monitor = "val_loss" if has_validation else "loss"
     result = []
+    if state.directory:
+        result.append(_backup.EpochBackup(state.path("backup", stage)))
+    if averaged:
+        result.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if settings.early_stopping:
         result.append(keras.callbacks.EarlyStopping(
             monitor=monitor, patience=settings.early_stopping, restore_best_weights=True,
             start_from_epoch=patience_from))
     if state.directory:
         result += [
-            _backup.EpochBackup(state.path("backup", stage)),
             keras.callbacks.CSVLogger(state.path(_run_state.HISTORY_FILE), append=True),
             keras.callbacks.TensorBoard(state.path("logs"), write_graph=False),
         ]
