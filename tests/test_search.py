@@ -104,7 +104,11 @@ INVALID = [
      "`search_space.foo` must be one of the keys backbone, preprocessor, unfreeze, optimizer, "
      "learning_rate, schedule, regularizer_kind, regularizer_strength, dropout, "
      "hidden_units, label_smoothing, batch_size, head_epochs, fine_tune_epochs, "
-     "layerwise_lr_decay, lr_factor, fine_tune_warmup. Received: search_space.foo='foo'"),
+     "layerwise_lr_decay, lr_factor, fine_tune_warmup, fine_tune_ema. "
+     "Received: search_space.foo='foo'"),
+    ("search_space:\n  backbone: a\n  fine_tune_ema: always\n",
+     "`search_space.fine_tune_ema` must be a number >= 0 (epochs), 'auto' or null. "
+     "Received: search_space.fine_tune_ema='always'"),
     ("search_space:\n  backbone: a\n  batch_size: '32'\n",
      "`search_space.batch_size` must be an integer >= 1. "
      "Received: search_space.batch_size='32'"),

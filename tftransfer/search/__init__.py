@@ -45,7 +45,8 @@ Config (YAML; every key optional except `search_space.backbone`):
                    label_smoothing (0), batch_size (32, per replica),
                    head_epochs (5), fine_tune_epochs (3), layerwise_lr_decay
                    (auto: 30x over the backbone | 0-1 | null), lr_factor (0.03),
-                   fine_tune_warmup (2.0 epochs)
+                   fine_tune_warmup (2.0 epochs), fine_tune_ema (auto: a
+                   weight average over 40% of stage 2 | epochs | null)
     tuner:         kind: random|bayesian|hyperband|grid  max_trials: 10
                    objective: val_accuracy | {name: val_auc, direction: max}
                    (val_/train loss, accuracy, auc, macro_f1,

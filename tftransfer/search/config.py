@@ -165,6 +165,14 @@ def _decay(path, v):
     return _num(0, 1, lo_open=True)(path, v)
 
 
+def _ema(path, v):
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, str):
+        raise ConfigError(path, "a number >= 0 (epochs), 'auto' or null", v)
+    return _num(0)(path, v)
+
+
 # knob -> (checker, default, allowed forms: fixed/choice/range/int_range)
 KNOBS = {
     "backbone": (_string, None, "fc"),
@@ -184,6 +192,7 @@ KNOBS = {
     "layerwise_lr_decay": (_decay, "auto", "fcr"),
     "lr_factor": (_num(0, 1, lo_open=True), 0.03, "fcr"),
     "fine_tune_warmup": (_num(0), 2.0, "fcr"),
+    "fine_tune_ema": (_ema, "auto", "fcr"),
 }
 
 # ------------------------------------------------------------------ sections

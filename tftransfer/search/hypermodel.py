@@ -24,7 +24,7 @@ from tftransfer.train import fine_tune
 BUILD_KNOBS = ("backbone", "optimizer", "dropout", "hidden_units", "label_smoothing",
                "preprocessor")
 FIT_KNOBS = ("head_epochs", "fine_tune_epochs", "lr_factor", "layerwise_lr_decay",
-             "fine_tune_warmup")
+             "fine_tune_warmup", "fine_tune_ema")
 FEATURES_DIR = "features"  # in the search directory: stage-1 features shared by the trials
 
 
