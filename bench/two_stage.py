@@ -1,8 +1,9 @@
 """Does stage 2 (the unfrozen backbone) gain, and without collapsing?
 
 For each task, backbone format and seed, `fine_tune` runs twice from the same
-seed: with today's stage-2 settings (`lr_factor=0.1`, no warmup, a hub
-SavedModel called in training mode) and with the new defaults. "stage 1 only"
+seed: with today's stage-2 settings (those before issue 25: `lr_factor=0.1`,
+one rate for every layer, no warmup, no weight average, a hub SavedModel
+called in training mode) and with the new defaults. "stage 1 only"
 is the model the new-default run holds when its stage 1 ends (what
 `fine_tune_epochs=0` gives). The settings are the quickstart's
 (`examples/quickstart.py`): Adam at 1e-2 for the head, dropout 0.2,
@@ -77,7 +78,7 @@ FIT = dict(head_epochs=20, fine_tune_epochs=10, unfreeze="all", batch_size=10, v
 def today(has_training_switch):
     """`fine_tune`'s stage-2 settings before issue 25."""
     return dict(lr_factor=0.1, fine_tune_warmup=0.0, layerwise_lr_decay=None,
-                freeze_batchnorm=not has_training_switch)
+                fine_tune_ema=None, freeze_batchnorm=not has_training_switch)
 
 
 def task_data(task, seed, per_class):
