@@ -1,4 +1,4 @@
-"""Runs that survive what real runs meet: kill -9 in stage 1, an interrupted overwrite,
+"""Runs that survive what real runs meet: kill -9 in either stage, an interrupted overwrite,
 a corrupt or half-written backup, another recipe on resume, an empty validation split,
 a 1,000-class report."""
 
@@ -89,7 +89,11 @@ with open(os.path.join(out, "result.json"), "w") as f:
 
 
 @pytest.mark.slow
-def test_kill_9_in_stage_one_resumes_to_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kill_epoch, ran_after", [
+    (1, [1, 2, 3, 4]),  # stage 1 is epochs 0-2
+    (4, [4]),  # stage 2 (3-4): a resumed weight average goes on as the uninterrupted one
+])
+def test_kill_9_resumes_to_the_uninterrupted_run(tmp_path, kill_epoch, ran_after):
     script = tmp_path / "run.py"
     script.write_text(RUN)
 
@@ -100,12 +104,12 @@ def test_kill_9_in_stage_one_resumes_to_the_uninterrupted_run(tmp_path):
 
     whole = run("whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = run("killed", kill_epoch=1, kill_batch=2)  # stage 1 is epochs 0-2
+    killed = run("killed", kill_epoch=kill_epoch, kill_batch=2)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run("killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ran = [int(line.split()[1]) for line in resumed.stdout.splitlines() if line.startswith("EPOCH")]
-    assert ran == [1, 2, 3, 4]  # from the start of the epoch the kill cut short
+    assert ran == ran_after  # from the start of the epoch the kill cut short
     results = {name: json.loads((tmp_path / name / "result.json").read_text())
                for name in ("whole", "killed")}
     assert results["killed"]["stages"] == results["whole"]["stages"] == {
