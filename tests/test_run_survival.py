@@ -88,36 +88,45 @@ with open(os.path.join(out, "result.json"), "w") as f:
 """
 
 
+@pytest.fixture(scope="module")
+def run_script(tmp_path_factory):
+    """`run(out, kill_epoch, kill_batch)`: RUN in a new process; `base / "whole"` is
+    the uninterrupted run, made once for both kills."""
+    base = tmp_path_factory.mktemp("survival")
+    script = base / "run.py"
+    script.write_text(RUN)
+
+    def run(out, kill_epoch=-1, kill_batch=-1):
+        return subprocess.run([sys.executable, str(script), DIGITS, str(out),
+                               str(kill_epoch), str(kill_batch)],
+                              capture_output=True, text=True, env=ENV, timeout=600)
+
+    whole = run(base / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return run, base / "whole"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_epoch, ran_after", [
     (1, [1, 2, 3, 4]),  # stage 1 is epochs 0-2
     (4, [4]),  # stage 2 (3-4): a resumed weight average goes on as the uninterrupted one
 ])
-def test_kill_9_resumes_to_the_uninterrupted_run(tmp_path, kill_epoch, ran_after):
-    script = tmp_path / "run.py"
-    script.write_text(RUN)
-
-    def run(out, kill_epoch=-1, kill_batch=-1):
-        return subprocess.run([sys.executable, str(script), DIGITS, str(tmp_path / out),
-                               str(kill_epoch), str(kill_batch)],
-                              capture_output=True, text=True, env=ENV, timeout=600)
-
-    whole = run("whole")
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = run("killed", kill_epoch=kill_epoch, kill_batch=2)
+def test_kill_9_resumes_to_the_uninterrupted_run(run_script, tmp_path, kill_epoch, ran_after):
+    run, whole = run_script
+    killed = run(tmp_path / "killed", kill_epoch=kill_epoch, kill_batch=2)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run("killed")
+    resumed = run(tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ran = [int(line.split()[1]) for line in resumed.stdout.splitlines() if line.startswith("EPOCH")]
     assert ran == ran_after  # from the start of the epoch the kill cut short
-    results = {name: json.loads((tmp_path / name / "result.json").read_text())
-               for name in ("whole", "killed")}
+    dirs = {"whole": whole, "killed": tmp_path / "killed"}
+    results = {name: json.loads((d / "result.json").read_text()) for name, d in dirs.items()}
     assert results["killed"]["stages"] == results["whole"]["stages"] == {
         "head": [0, 3], "fine_tune": [3, 5]}
     assert _epochs_logged(tmp_path / "killed") == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(results["killed"]["history"]["val_loss"],
                                results["whole"]["history"]["val_loss"], rtol=1e-4, atol=1e-5)
-    weights = {name: np.load(tmp_path / name / "weights.npz") for name in ("whole", "killed")}
+    weights = {name: np.load(d / "weights.npz") for name, d in dirs.items()}
     for key in weights["whole"].files:
         np.testing.assert_allclose(weights["killed"][key], weights["whole"][key],
                                    rtol=1e-4, atol=1e-5)
