@@ -51,3 +51,26 @@ def weights_of(layer):
 def changed(before, after, atol=0.0):
     """Paths of the weights that differ between two `weights_of` snapshots."""
     return {k for k in before if not np.allclose(before[k], after[k], atol=atol, rtol=0)}
+
+
+class Crash(keras.callbacks.Callback):
+    """Stands in for an interrupted process: raises `error` as epoch `at` begins."""
+
+    def __init__(self, at, error=RuntimeError):
+        super().__init__()
+        self.at, self.error = at, error
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise self.error("killed")
+
+
+class EpochCount(keras.callbacks.Callback):
+    """The epochs a `fit` ran, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(epoch)

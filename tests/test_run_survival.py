@@ -11,7 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import SAVED
+from conftest import SAVED, Crash, EpochCount
 
 from tftransfer import build_finetuner, evaluate_classifier, fine_tune
 from tftransfer import data as tfdata
@@ -33,27 +33,6 @@ def few_shot(digits_target):
 def _epochs_logged(run_dir):
     with open(os.path.join(run_dir, "history.csv")) as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
-
-
-class _Crash(keras.callbacks.Callback):
-    """Stands in for an interrupted process: raises as epoch `at` begins."""
-
-    def __init__(self, at, error=RuntimeError):
-        super().__init__()
-        self.at, self.error = at, error
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.at:
-            raise self.error("killed")
-
-
-class _Count(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append(epoch)
 
 
 RUN = """
@@ -150,14 +129,14 @@ def test_interrupted_overwrite_keeps_the_old_run_until_the_new_one_publishes(few
     state = (out / "fine_tune_state.json").read_text()
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C as epoch 1 begins
         fine_tune(build_finetuner(DIGITS, num_classes=5), train, val, overwrite=True,
-                  callbacks=[_Crash(1, KeyboardInterrupt)], **run)
+                  callbacks=[Crash(1, KeyboardInterrupt)], **run)
     assert (out / "model.keras").read_bytes() == model_bytes
     assert (out / "fine_tune_state.json").read_text() == state
     assert _epochs_logged(out) == [0, 1, 2]
     loaded = subprocess.run([sys.executable, "-c", LOAD, str(out / "model.keras")],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert "OK (1, 5)" in loaded.stdout, loaded.stderr[-2000:]
-    count = _Count()  # the same call again resumes the replacement, then publishes it
+    count = EpochCount()  # the same call again resumes the replacement, then publishes it
     fine_tune(build_finetuner(DIGITS, num_classes=5), train, val, overwrite=True,
               callbacks=[count], **run)
     assert count.epochs == [1, 2]
@@ -173,12 +152,12 @@ def test_corrupt_latest_backup_falls_back_to_the_one_before(few_shot, tmp_path):
                output_dir=out)
     with pytest.raises(RuntimeError, match="killed"):
         fine_tune(build_finetuner(DIGITS, num_classes=5), train, val,
-                  callbacks=[_Crash(4)], **run)
+                  callbacks=[Crash(4)], **run)
     backups = out / "backup" / "stage2"
     assert sorted(os.listdir(backups)) == ["epoch-00003.weights.h5", "epoch-00004.weights.h5"]
     latest = backups / "epoch-00004.weights.h5"
     latest.write_bytes(latest.read_bytes()[:2000])  # as a full disk leaves it
-    count = _Count()
+    count = EpochCount()
     with pytest.warns(UserWarning, match="epoch-00004.weights.h5 cannot be read"):
         fine_tune(build_finetuner(DIGITS, num_classes=5), train, val, callbacks=[count], **run)
     assert count.epochs == [3, 4]  # from the backup after epoch 2
@@ -207,7 +186,7 @@ def test_backup_cut_short_by_a_full_disk_is_never_published(few_shot, tmp_path, 
     monkeypatch.setattr(keras.Model, "save_weights", save)
     names = os.listdir(out / "backup" / "stage2")
     assert [n for n in names if not n.startswith(".tmp-")] == ["epoch-00002.weights.h5"]
-    count = _Count()
+    count = EpochCount()
     fine_tune(build_finetuner(DIGITS, num_classes=5), train, val, callbacks=[count], **run)
     assert count.epochs == [2, 3]
     assert _epochs_logged(out) == [0, 1, 2, 3]
@@ -220,7 +199,7 @@ def test_resume_refuses_a_model_built_with_another_recipe(few_shot, tmp_path):
                output_dir=out)
     with pytest.raises(RuntimeError, match="killed"):
         fine_tune(build_finetuner(DIGITS, num_classes=5, learning_rate=0.01), train, val,
-                  callbacks=[_Crash(2)], **run)
+                  callbacks=[Crash(2)], **run)
     other = build_finetuner(DIGITS, num_classes=5, learning_rate=0.5)
     with pytest.raises(ValueError, match=r"`output_dir` '.*run' holds an unfinished fine_tune "
                        r"run with other data or settings \(changed: recipe.learning_rate "

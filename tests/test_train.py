@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import SAVED, changed, weights_of
+from conftest import SAVED, Crash, EpochCount, changed, weights_of
 
 from tftransfer import build_finetuner, evaluate_classifier, fine_tune, format_report
 from tftransfer.datasets import few_shot_split
@@ -61,36 +61,15 @@ def test_stage_two_unfreezes_and_lowers_learning_rate(few_shot):
     assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
 
 
-class _Crash(keras.callbacks.Callback):
-    """Stands in for a killed process: dies as epoch `at` begins."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.at:
-            raise RuntimeError("killed")
-
-
-class _Count(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append(epoch)
-
-
 def test_interrupted_run_resumes_at_the_epoch_it_reached(few_shot, tmp_path):
     train, val, _ = few_shot
     run = dict(head_epochs=1, fine_tune_epochs=4, early_stopping=None, verbose=0,
                output_dir=tmp_path / "run")
     model = build_finetuner(DIGITS, num_classes=5)
     with pytest.raises(RuntimeError, match="killed"):
-        fine_tune(model, train, val, callbacks=[_Crash(at=2)], **run)
+        fine_tune(model, train, val, callbacks=[Crash(at=2)], **run)
     keras.backend.clear_session()
-    count = _Count()
+    count = EpochCount()
     restarted = build_finetuner(DIGITS, num_classes=5)
     history = fine_tune(restarted, train, val, callbacks=[count], **run)
     assert count.epochs == [2, 3, 4]  # epochs 0 and 1 are not run again

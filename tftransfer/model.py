@@ -248,7 +248,7 @@ class FineTuner(MultiWorkerSteps, keras.Model):
         multipliers = {}
         for (keys, _), level in zip(groups, levels):
             for key in keys:
-                multipliers[key] = float(decay) ** (level and levels[-1] - level + 1)
+                multipliers[key] = float(decay) ** (levels[-1] - level + 1)
         return multipliers
 
     def _depth_groups(self, trainable_only=True):

@@ -267,11 +267,10 @@ def _stage2(model, data, base_lr, start, state, settings):
     """The fine-tuning epochs from `start`, at the lower rate; {} when there are none."""
     if not settings.fine_tune_epochs:
         return {}
+    steps = _feature_cache.batches(data.train)
     lr = _stage2_rate.stage2_rate(model, settings.fine_tune_learning_rate, settings.lr_factor,
-                                  settings.fine_tune_warmup, _feature_cache.batches(data.train),
-                                  settings.fine_tune_epochs)
-    ema = _stage2_rate.ema_momentum(settings.fine_tune_ema, _feature_cache.batches(data.train),
-                                    settings.fine_tune_epochs)
+                                  settings.fine_tune_warmup, steps, settings.fine_tune_epochs)
+    ema = _stage2_rate.ema_momentum(settings.fine_tune_ema, steps, settings.fine_tune_epochs)
     model.freeze(settings.unfreeze, freeze_batchnorm=settings.freeze_batchnorm)
     model.compile_stage(lr, layerwise_lr_decay=settings.layerwise_lr_decay, ema_momentum=ema)
     done = max(0, settings.initial_epoch - settings.head_epochs)  # stage-2 epochs run before
