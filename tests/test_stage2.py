@@ -173,8 +173,10 @@ import keras, numpy as np
 import tftransfer  # noqa: F401  (registers WarmupSchedule and the layer-wise optimizers)
 model = keras.models.load_model(sys.argv[1])
 data = np.load(sys.argv[2])
+predictions = model.predict(data["x"], verbose=0).tolist()
 model.train_on_batch(data["x"], data["y"])
-print(json.dumps(model.optimizer.get_config()["learning_rate"]["class_name"]))
+config = model.optimizer.get_config()
+print(json.dumps([config["learning_rate"]["class_name"], config["use_ema"], predictions]))
 """
 
 
@@ -188,7 +190,10 @@ def test_model_after_default_stage2_reloads_and_trains_in_a_new_process(small_ba
                            str(tmp_path / "d.npz")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == "WarmupSchedule"
+    schedule, use_ema, predictions = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (schedule, use_ema) == ("WarmupSchedule", True)  # the stage-2 optimizer, as saved
+    np.testing.assert_allclose(predictions, model.predict(small_batch[0][:8], verbose=0),
+                               rtol=1e-5, atol=1e-6)  # the weights kept: the average
 
 
 def test_auto_layerwise_rates_span_the_backbone_depth():
